@@ -1,0 +1,8 @@
+"""catseg: CAT-Seg open-vocabulary semantic segmentation on Detectron2.
+
+Importing the package registers the meta-architecture, head, backbones, datasets and
+evaluators with detectron2's registries.
+"""
+from .config import add_catseg_config
+
+__all__ = ["add_catseg_config"]

@@ -1,0 +1,88 @@
+"""Every config key catseg adds to detectron2's defaults, in one place, one comment each.
+
+Official CAT-Seg key names are kept so that official config files load unchanged; keys
+that the official code hard-codes (sliding-window geometry, CLIP and backbone input sizes)
+are new keys whose defaults are the official values.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_catseg_config(cfg):
+    """Add catseg's keys to a detectron2 config (in place). Safe to call once per cfg."""
+    # ---------------------------------------------------------------- input / data
+    cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"  # training mapper ("mask_former_semantic")
+    cfg.INPUT.COLOR_AUG_SSD = False  # SSD-style photometric augmentation during training
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0  # crop retries until no class covers more than this share
+    cfg.INPUT.SIZE_DIVISIBILITY = -1  # training: pad image/label to a multiple of this (-1: off)
+    cfg.DATASETS.CUSTOM = []  # custom datasets: list of "name:image_dir:label_dir:classes.json"
+
+    # ---------------------------------------------------------------- solver
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr factor for parameters under modules named *backbone*
+    cfg.SOLVER.CLIP_MULTIPLIER = 0.01  # lr factor for parameters under modules named *clip_model*
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding parameters
+
+    # ---------------------------------------------------------------- meta-architecture
+    cfg.MODEL.MASK_FORMER = CN()
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32  # inference: pad each image to a multiple of this
+    cfg.MODEL.BACKBONE_RESOLUTION = (384, 384)  # (h, w) the guidance backbone sees (official: 384x384)
+    cfg.MODEL.CHECKPOINT_STRICT = False  # error (not just a report) on missing/unexpected checkpoint keys
+
+    # ---------------------------------------------------------------- Swin guidance backbone
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224  # image size the Swin weights were trained at
+    cfg.MODEL.SWIN.PATCH_SIZE = 4  # patch-embedding stride
+    cfg.MODEL.SWIN.EMBED_DIM = 96  # channels of the first stage
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]  # blocks per stage
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]  # attention heads per stage
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7  # attention window side
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0  # MLP hidden size / channels
+    cfg.MODEL.SWIN.QKV_BIAS = True  # bias in the qkv projection
+    cfg.MODEL.SWIN.QK_SCALE = None  # attention scale (None: head_dim ** -0.5)
+    cfg.MODEL.SWIN.DROP_RATE = 0.0  # dropout after MLP / projections
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0  # dropout on attention weights
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3  # stochastic depth, linearly increasing over blocks
+    cfg.MODEL.SWIN.APE = False  # absolute position embedding
+    cfg.MODEL.SWIN.PATCH_NORM = True  # LayerNorm after patch embedding
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stages to output
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing in each block
+
+    # ---------------------------------------------------------------- CATSeg head
+    head = cfg.MODEL.SEM_SEG_HEAD
+    head.TRAIN_CLASS_JSON = "coco.json"  # class names for training: a shipped list name or a JSON path
+    head.TEST_CLASS_JSON = "coco.json"  # class names for inference: a shipped list name or a JSON path
+    head.CLIP_PRETRAINED = "ViT-B/16"  # CLIP: official name, "open_clip:ARCH[:TAG]", or a checkpoint path
+    head.CLIP_MODEL = ""  # open_clip architecture overriding the one implied by CLIP_PRETRAINED
+    head.CLIP_WEIGHTS = "pretrained"  # "pretrained" (open_clip tag / official), "random", or a .pt/.bin path
+    head.CLIP_RANDOM_SEED = 0  # seed for CLIP_WEIGHTS "random"
+    head.CLIP_RESOLUTION = ()  # (h, w) CLIP input; empty: 384x384 for ViT-B/16, 336x336 otherwise
+    head.CLIP_PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]  # CLIP normalisation mean (RGB, 0-255)
+    head.CLIP_PIXEL_STD = [68.5005327, 66.6321579, 70.3231630]  # CLIP normalisation std (RGB, 0-255)
+    head.CLIP_FINETUNE = "attention"  # "attention", "full", "prompt" or "none" (frozen)
+    head.PROMPT_DEPTH = 0  # visual prompt tuning: number of blocks that get prompts
+    head.PROMPT_LENGTH = 0  # visual prompt tuning: prompt tokens per block
+    head.PROMPT_ENSEMBLE_TYPE = "imagenet"  # text templates: "imagenet" (80), "imagenet_select" (8), "single"
+    head.TEXT_CACHE_DIR = ""  # on-disk text-embedding cache ("" : $CATSEG_CACHE or ~/.cache/catseg)
+    head.TEXT_GUIDANCE_DIM = 512  # CLIP text embedding size (input of the text guidance projection)
+    head.TEXT_GUIDANCE_PROJ_DIM = 128  # projected text guidance size
+    head.APPEARANCE_GUIDANCE_DIM = 512  # deepest backbone feature channels (0: derive from backbone)
+    head.APPEARANCE_GUIDANCE_PROJ_DIM = 128  # projected appearance guidance size
+    head.DECODER_DIMS = [64, 32]  # channels of the two upsampling decoder stages
+    head.DECODER_GUIDANCE_DIMS = [256, 128]  # backbone channels feeding the decoder ([] : derive)
+    head.DECODER_GUIDANCE_PROJ_DIMS = [32, 16]  # projected decoder guidance sizes
+    head.NUM_LAYERS = 4  # aggregator layers (spatial + class aggregation)
+    head.NUM_HEADS = 4  # attention heads in the aggregator
+    head.HIDDEN_DIMS = 128  # aggregator channels
+    head.POOLING_SIZES = [2, 2]  # average pooling before class aggregation (evaluation protocol: [1, 1])
+    head.FEATURE_RESOLUTION = [24, 24]  # CLIP token grid (h, w) the aggregator works on
+    head.WINDOW_SIZES = 12  # spatial aggregation window side
+    head.ATTENTION_TYPE = "linear"  # class aggregation attention: "linear" or "full"
+    head.CLASS_CHUNK_SIZE = 0  # classes per chunk in spatial blocks / decoder (0: from MEMORY_BUDGET_MB)
+    head.MEMORY_BUDGET_MB = 2048  # activation budget used to pick the class chunk size at inference
+
+    # ---------------------------------------------------------------- inference
+    cfg.TEST.SLIDING_WINDOW = False  # sliding-window inference (official evaluation protocol)
+    cfg.TEST.SLIDING_KERNEL = 384  # sliding window crop side
+    cfg.TEST.SLIDING_OVERLAP = 0.333  # overlap between crops (stride = int(kernel * (1 - overlap)))
+    cfg.TEST.SLIDING_OUT_RES = (640, 640)  # image is resized to this before cropping
+    cfg.TEST.BF16 = False  # approximate: run inference under bfloat16 autocast

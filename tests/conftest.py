@@ -1,0 +1,33 @@
+"""Shared test fixtures: where the reference folder is, and small helpers.
+
+The shared reference folder is found through $CATSEG_SHARED (default: ../shared next to the
+repository root). Tests that need it skip when it is absent, except under CI=true, where a
+missing folder is a failure.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("CATSEG_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """Path of the shared reference folder; fails under CI=true when it is missing."""
+    path = shared_dir()
+    if not (path / "reference").is_dir():
+        msg = f"shared reference folder not found at {path} (set CATSEG_SHARED)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO_ROOT

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates (or completes) the project virtualenv .venv with everything catseg needs.
+# Idempotent: each step checks whether it is already done, so a second run takes seconds
+# and an interrupted run picks up where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.catseg-install-stamp"
+# The stamp records the inputs of the install; when they change, the install runs again.
+want=$(cat setup.cfg tools/install.sh | sha1sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import catseg" 2>/dev/null; then
+    echo "[install] .venv is up to date"
+    exit 0
+fi
+
+step() { echo "[install] $*"; }
+[ -x "$VENV/bin/python" ] || { step "creating virtualenv $VENV"; "$PY" -m venv "$VENV"; }
+VPY="$VENV/bin/python"
+pip_() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
+    step "installing torch 2.14.1 + torchvision 0.29.1"
+    pip_ torch==2.14.1 torchvision==0.29.1
+fi
+
+# detectron2 is not on PyPI. A user who built it from source keeps their build.
+if ! "$VPY" -c "import detectron2" 2>/dev/null; then
+    step "installing detectron2 (sal-detectron2 0.7.2 wheel, cp310 build, pure-Python parts)"
+    site=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    tmp=$(mktemp -d)
+    "$VPY" -m pip install --disable-pip-version-check -q --no-deps --only-binary=:all: \
+        --python-version 3.10 --target "$tmp" sal-detectron2==0.7.2
+    # Move into site-packages only once complete, so an interrupted run leaves no half package.
+    cp -r "$tmp"/. "$site"/
+    rm -rf "$tmp"
+fi
+
+step "installing catseg and its dependencies (editable, with test tools)"
+pip_ -e ".[test]"
+
+"$VPY" -c "import catseg, detectron2, open_clip, timm" 
+echo "$want" > "$STAMP"
+step "done"
