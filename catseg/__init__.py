@@ -3,6 +3,7 @@
 Importing the package registers the meta-architecture, head, backbones, datasets and
 evaluators with detectron2's registries.
 """
+from . import data, modeling  # noqa: F401  (registration side effects)
 from .config import add_catseg_config
 
 __all__ = ["add_catseg_config"]

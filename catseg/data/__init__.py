@@ -1,0 +1,1 @@
+"""Datasets (builtin benchmarks, custom folders) and the training mapper."""

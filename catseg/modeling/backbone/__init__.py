@@ -1,0 +1,1 @@
+"""Guidance backbones registered in detectron2's BACKBONE_REGISTRY."""
