@@ -47,6 +47,43 @@ def add_catseg_config(cfg):
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stages to output
     cfg.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing in each block
 
+    # ---------------------------------------------------------------- ViT guidance backbone (D2ViT)
+    cfg.MODEL.VIT = CN()
+    cfg.MODEL.VIT.NAME = "vit_base_patch16_384"  # timm ViT architecture, "arch" or "arch.pretrained_tag" (patch 16)
+    cfg.MODEL.VIT.PRETRAINED = False  # download timm's weights for NAME (needs network access)
+    cfg.MODEL.VIT.WEIGHTS = ""  # local checkpoint, timm or D2ViT key layout, loaded after PRETRAINED
+    cfg.MODEL.VIT.IMG_SIZE = 384  # side of the position-embedding grid (resampled for other inputs)
+    cfg.MODEL.VIT.EMBED_DIM = 0  # token channels (0: the architecture's)
+    cfg.MODEL.VIT.DEPTH = 0  # transformer blocks (0: the architecture's)
+    cfg.MODEL.VIT.NUM_HEADS = 0  # attention heads (0: the architecture's)
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1  # stochastic depth, linearly increasing over blocks
+    cfg.MODEL.VIT.OUT_CHANNELS = 256  # channels of every simple-feature-pyramid output
+    cfg.MODEL.VIT.OUT_FEATURES = ["res2", "res3", "res4"]  # outputs among res2..res5 (strides 4..32)
+
+    # ---------------------------------------------------------------- Twins guidance backbone (D2Twins)
+    cfg.MODEL.TWINS = CN()
+    cfg.MODEL.TWINS.NAME = "twins_svt_small"  # timm twins_svt_* or twins_pcpvt_* architecture ("arch[.tag]")
+    cfg.MODEL.TWINS.PRETRAINED = False  # download timm's weights for NAME (needs network access)
+    cfg.MODEL.TWINS.WEIGHTS = ""  # local checkpoint, timm or D2Twins key layout, loaded after PRETRAINED
+    cfg.MODEL.TWINS.EMBED_DIMS = []  # channels per stage ([]: the architecture's)
+    cfg.MODEL.TWINS.DEPTHS = []  # blocks per stage ([]: the architecture's)
+    cfg.MODEL.TWINS.NUM_HEADS = []  # attention heads per stage ([]: the architecture's)
+    cfg.MODEL.TWINS.DROP_PATH_RATE = 0.2  # stochastic depth, linearly increasing over blocks
+    cfg.MODEL.TWINS.OUT_FEATURES = ["res2", "res3", "res4"]  # stages among res2..res5 (strides 4..32)
+
+    # ---------------------------------------------------------------- Cluster guidance backbone (D2ClusterBackbone)
+    cfg.MODEL.CLUSTER = CN()
+    cfg.MODEL.CLUSTER.VARIANT = "cluster_tiny"  # "cluster_tiny" or "cluster_small" (catseg/modeling/backbone/cluster.py)
+    cfg.MODEL.CLUSTER.WEIGHTS = ""  # local checkpoint in the native key layout (manifests/*.tsv)
+    cfg.MODEL.CLUSTER.EMBED_DIMS = []  # channels per stage ([]: the variant's)
+    cfg.MODEL.CLUSTER.DEPTHS = []  # ClusterBlocks per stage ([]: the variant's)
+    cfg.MODEL.CLUSTER.HEADS = []  # clustering heads per stage ([]: the variant's)
+    cfg.MODEL.CLUSTER.HEAD_DIMS = []  # channels per clustering head per stage ([]: the variant's)
+    cfg.MODEL.CLUSTER.WINDOW_SIZES = []  # clustering region side in points per stage ([]: the variant's)
+    cfg.MODEL.CLUSTER.NUM_CLUSTERING = -1  # centre-refinement attention rounds (-1: the variant's)
+    cfg.MODEL.CLUSTER.DROP_PATH_RATE = 0.1  # stochastic depth, linearly increasing over blocks
+    cfg.MODEL.CLUSTER.OUT_FEATURES = ["res2", "res3", "res4"]  # stages among res2..res5 (strides 4..32)
+
     # ---------------------------------------------------------------- CATSeg head
     head = cfg.MODEL.SEM_SEG_HEAD
     head.TRAIN_CLASS_JSON = "coco.json"  # class names for training: a shipped list name or a JSON path

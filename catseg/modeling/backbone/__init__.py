@@ -1,1 +1,2 @@
 """Guidance backbones registered in detectron2's BACKBONE_REGISTRY."""
+from . import cluster, twins, vit  # noqa: F401
