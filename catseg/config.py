@@ -5,10 +5,13 @@ that the official code hard-codes (sliding-window geometry, CLIP and backbone in
 are new keys whose defaults are the official values.
 """
 from detectron2.config import CfgNode as CN
+from detectron2.projects.deeplab import add_deeplab_config
 
 
 def add_catseg_config(cfg):
-    """Add catseg's keys to a detectron2 config (in place). Safe to call once per cfg."""
+    """Add catseg's keys to a detectron2 config (in place). Call once per cfg."""
+    # DeepLab's keys (MODEL.RESNETS.STEM_TYPE, ...) are part of the official configs.
+    add_deeplab_config(cfg)
     # ---------------------------------------------------------------- input / data
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"  # training mapper ("mask_former_semantic")
     cfg.INPUT.COLOR_AUG_SSD = False  # SSD-style photometric augmentation during training

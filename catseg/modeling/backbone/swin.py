@@ -1,0 +1,55 @@
+"""D2SwinTransformer: detectron2's Swin Transformer with CAT-Seg's config keys and output names.
+
+detectron2's implementation has the official key layout (patch_embed, layers, norm{i}) and the
+same computation, so it is used as is; this class only reads MODEL.SWIN.* and names the
+outputs res2..res5 (strides 4..32) instead of p0..p3.
+"""
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.swin import SwinTransformer
+
+
+@BACKBONE_REGISTRY.register()
+class D2SwinTransformer(SwinTransformer):
+    """Swin backbone; outputs the stages named in MODEL.SWIN.OUT_FEATURES ("res2".. "res5").
+
+    The output norm of the first stage (`norm0`) is frozen, as in the official model.
+    """
+
+    def __init__(self, cfg, input_shape: ShapeSpec):
+        swin = cfg.MODEL.SWIN
+        out_features = list(swin.OUT_FEATURES)
+        super().__init__(
+            pretrain_img_size=swin.PRETRAIN_IMG_SIZE,
+            patch_size=swin.PATCH_SIZE,
+            in_chans=input_shape.channels,
+            embed_dim=swin.EMBED_DIM,
+            depths=swin.DEPTHS,
+            num_heads=swin.NUM_HEADS,
+            window_size=swin.WINDOW_SIZE,
+            mlp_ratio=swin.MLP_RATIO,
+            qkv_bias=swin.QKV_BIAS,
+            qk_scale=swin.QK_SCALE,
+            drop_rate=swin.DROP_RATE,
+            attn_drop_rate=swin.ATTN_DROP_RATE,
+            drop_path_rate=swin.DROP_PATH_RATE,
+            ape=swin.APE,
+            patch_norm=swin.PATCH_NORM,
+            out_indices=tuple(int(name[3:]) - 2 for name in out_features),
+            use_checkpoint=swin.USE_CHECKPOINT,
+        )
+        self._out_features = out_features
+        self._out_feature_channels = {f"res{i + 2}": self.num_features[i] for i in self.out_indices}
+        self._out_feature_strides = {f"res{i + 2}": 2 ** (i + 2) for i in self.out_indices}
+        if hasattr(self, "norm0"):
+            self.norm0.requires_grad_(False)
+
+    def forward(self, x):
+        """x: (N, 3, H, W) -> {"res2": (N, C, H/4, W/4), ...} for the configured stages."""
+        return {f"res{int(k[1:]) + 2}": v for k, v in super().forward(x).items()}
+
+    def output_shape(self):
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }

@@ -1,0 +1,198 @@
+"""CATSeg meta-architecture: normalisation, CLIP + guidance backbone, loss, inference.
+
+Inference pads and post-processes every image on its own (official parity is defined per
+image), so a batch gives each image exactly what it gets alone; the network itself still runs
+on the whole batch at once, since every view is resized to fixed CLIP / backbone resolutions.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from einops import rearrange
+from torch import nn
+
+from .clip import default_clip_resolution, encode_image_dense
+
+
+def pad_to_multiple(image: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Zero-pad (C, H, W) at the bottom / right to multiples of `divisor`."""
+    h, w = image.shape[-2:]
+    return F.pad(image, (0, -w % divisor, 0, -h % divisor))
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W), align_corners=False; no-op when the size matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def sliding_window_views(image: torch.Tensor, kernel: int, stride: int, out_res: Sequence[int]) -> torch.Tensor:
+    """(3, H, W) -> (L + 1, 3, k, k): the crops of the image resized to out_res, then the global view.
+
+    The global view is resized from the original image, not from the out_res copy.
+    """
+    resized = resize(image[None], out_res)
+    crops = F.unfold(resized, kernel_size=kernel, stride=stride)
+    crops = rearrange(crops, "1 (c h w) l -> l c h w", c=image.shape[0], h=kernel)
+    return torch.cat([crops, resize(image[None], (kernel, kernel))])
+
+
+def merge_sliding_window(probs: torch.Tensor, kernel: int, stride: int, out_res: Sequence[int]) -> torch.Tensor:
+    """(L + 1, T, k, k) probabilities -> (T, *out_res): crops folded back and averaged where they
+    overlap, then averaged with the upsampled global view."""
+    local, global_view = probs[:-1], probs[-1:]
+    folded = F.fold(rearrange(local, "l t h w -> 1 (t h w) l"), out_res, kernel_size=kernel, stride=stride)
+    ones = torch.ones(1, 1, *out_res, dtype=probs.dtype, device=probs.device)
+    count = F.fold(F.unfold(ones, kernel_size=kernel, stride=stride), out_res, kernel_size=kernel, stride=stride)
+    return ((folded / count + resize(global_view, out_res)) / 2)[0]
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
+    """Official CAT-Seg loss: per-class binary cross-entropy against one-hot targets.
+
+    logits (B, T, h, w) are upsampled to the label size (B, H, W). Ignored pixels get all-zero
+    targets and still count in the mean (official behaviour).
+    """
+    logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    valid = targets != ignore_value
+    onehot = torch.zeros_like(logits)
+    onehot.permute(0, 2, 3, 1)[valid] = F.one_hot(targets[valid].long(), logits.shape[1]).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, onehot)
+
+
+@META_ARCH_REGISTRY.register()
+class CATSeg(nn.Module):
+    """CAT-Seg: cost aggregation between dense CLIP image features and class text embeddings."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        size_divisibility: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        clip_pixel_mean: Sequence[float],
+        clip_pixel_std: Sequence[float],
+        clip_resolution: Tuple[int, int],
+        backbone_resolution: Tuple[int, int],
+        sliding_window: bool,
+        sliding_kernel: int,
+        sliding_overlap: float,
+        sliding_out_res: Tuple[int, int],
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.size_divisibility = size_divisibility
+        self.clip_resolution = tuple(clip_resolution)
+        self.backbone_resolution = tuple(backbone_resolution)
+        self.sliding_window = sliding_window
+        self.sliding_kernel = sliding_kernel
+        self.sliding_stride = int(sliding_kernel * (1 - sliding_overlap))
+        self.sliding_out_res = tuple(sliding_out_res)
+        for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
+                            ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
+            self.register_buffer(name, torch.tensor(value).view(-1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        if cfg.SOLVER.BACKBONE_MULTIPLIER == 0:
+            backbone.requires_grad_(False)
+        head = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "backbone": backbone,
+            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "clip_pixel_mean": head.CLIP_PIXEL_MEAN,
+            "clip_pixel_std": head.CLIP_PIXEL_STD,
+            "clip_resolution": tuple(head.CLIP_RESOLUTION) or default_clip_resolution(head.CLIP_PRETRAINED),
+            "backbone_resolution": cfg.MODEL.BACKBONE_RESOLUTION,
+            "sliding_window": cfg.TEST.SLIDING_WINDOW,
+            "sliding_kernel": cfg.TEST.SLIDING_KERNEL,
+            "sliding_overlap": cfg.TEST.SLIDING_OVERLAP,
+            "sliding_out_res": cfg.TEST.SLIDING_OUT_RES,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def logits(self, views: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) raw RGB views (0-255, zero padding already normalised away) -> (N, T, h, w).
+
+        Each view is normalised twice (backbone and CLIP statistics) and resized to the
+        backbone and CLIP input resolutions.
+        """
+        clip_in = resize((views - self.clip_pixel_mean) / self.clip_pixel_std, self.clip_resolution)
+        backbone_in = resize((views - self.pixel_mean) / self.pixel_std, self.backbone_resolution)
+        return self.run_network(clip_in, backbone_in)
+
+    def run_network(self, clip_in: torch.Tensor, backbone_in: torch.Tensor) -> torch.Tensor:
+        """Normalised, resized inputs -> (N, T, 4h, 4w) logits."""
+        clip_tokens = encode_image_dense(self.sem_seg_head.predictor.clip_model, clip_in)
+        return self.sem_seg_head(clip_tokens, self.backbone(backbone_in))
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2 dicts with "image" (3, H, W) RGB 0-255, optionally "height",
+                "width" (output size) and, in training, "sem_seg" (H, W) labels.
+        Returns:
+            training: {"loss_sem_seg": scalar}; inference: [{"sem_seg": (T, height, width) probabilities}].
+        """
+        images = [x["image"].to(self.device).float() for x in batched_inputs]
+        if self.training:
+            return self.training_loss(images, [x["sem_seg"].to(self.device) for x in batched_inputs])
+        sizes = [(x.get("height", im.shape[-2]), x.get("width", im.shape[-1])) for x, im in zip(batched_inputs, images)]
+        if self.sliding_window:
+            outputs = self.inference_sliding_window(images, sizes)
+        else:
+            outputs = self.inference_whole_image(images, sizes)
+        return [{"sem_seg": out} for out in outputs]
+
+    def training_loss(self, images: List[torch.Tensor], labels: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Images are padded to a common size as one ImageList (official); labels with the ignore value."""
+        ignore = self.sem_seg_head.ignore_value
+        clip_in = ImageList.from_tensors([(x - self.clip_pixel_mean) / self.clip_pixel_std for x in images],
+                                         self.size_divisibility).tensor
+        backbone_in = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in images],
+                                             self.size_divisibility).tensor
+        targets = ImageList.from_tensors(labels, self.size_divisibility, pad_value=ignore).tensor
+        logits = self.run_network(resize(clip_in, self.clip_resolution), resize(backbone_in, self.backbone_resolution))
+        return {"loss_sem_seg": bce_loss(logits, targets, ignore)}
+
+    def inference_whole_image(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+        """Each image is normalised, padded to its own multiple of SIZE_DIVISIBILITY and resized.
+
+        Post-processing crops the logit map to the unpadded image size (in logit pixels that
+        crop is a no-op for images over the logit resolution, so the padding border stretches
+        into the output: the official quirk) and resizes to (height, width).
+        """
+        clip_in = torch.stack([resize(pad_to_multiple((x - self.clip_pixel_mean) / self.clip_pixel_std,
+                                                      self.size_divisibility)[None], self.clip_resolution)[0]
+                               for x in images])
+        backbone_in = torch.stack([resize(pad_to_multiple((x - self.pixel_mean) / self.pixel_std,
+                                                          self.size_divisibility)[None], self.backbone_resolution)[0]
+                                   for x in images])
+        probs = self.run_network(clip_in, backbone_in).sigmoid()
+        return [sem_seg_postprocess(p, x.shape[-2:], h, w) for p, x, (h, w) in zip(probs, images, sizes)]
+
+    def inference_sliding_window(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+        """Overlapping crops of each image (resized to SLIDING_OUT_RES) plus a global view, all
+        images' views in one network pass; see `merge_sliding_window`."""
+        k, stride, out_res = self.sliding_kernel, self.sliding_stride, self.sliding_out_res
+        views = [sliding_window_views(x, k, stride, out_res) for x in images]
+        logits = self.logits(torch.cat(views))
+        probs = resize(logits, (k, k)).sigmoid().split([len(v) for v in views])
+        return [sem_seg_postprocess(merge_sliding_window(p, k, stride, out_res), out_res, h, w)
+                for p, (h, w) in zip(probs, sizes)]
