@@ -270,12 +270,15 @@ def load_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json:
 
 
 def register_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json: str,
-                            ignore_label: int = 255, validate: bool = True) -> None:
+                            ignore_label: int = 255, validate: bool = True,
+                            evaluator_type: str = "sem_seg") -> None:
     """Register a folder of images + a folder of label maps (same stems) as dataset `name`.
 
     `classes_json` is a JSON list of class names (or a .txt, one per line, or a shipped list
     name such as "ade150"); label value i is class i, `ignore_label` is not evaluated or
-    trained on. Registering the same name again replaces the earlier registration.
+    trained on. `evaluator_type` "sem_seg_background" counts predictions beyond the last
+    class as the last class (see catseg.evaluation). Registering the same name again
+    replaces the earlier registration.
     """
     if name in BENCHMARKS:
         raise ValueError(f"{name} is a builtin benchmark name; choose another name")
@@ -292,7 +295,7 @@ def register_custom_dataset(name: str, image_dir: str, label_dir: str, classes_j
         prompt_classes=classes,
         class_list=class_json_path,
         ignore_label=int(ignore_label),
-        evaluator_type="sem_seg",
+        evaluator_type=evaluator_type,
         image_root=str(image_dir),
         sem_seg_root=str(label_dir),
     )
