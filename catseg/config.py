@@ -103,6 +103,7 @@ def add_catseg_config(cfg):
     head.PROMPT_LENGTH = 0  # visual prompt tuning: prompt tokens per block
     head.PROMPT_ENSEMBLE_TYPE = "imagenet"  # text templates: "imagenet" (80), "imagenet_select" (8), "single"
     head.TEXT_CACHE_DIR = ""  # on-disk text-embedding cache ("" : $CATSEG_CACHE or ~/.cache/catseg)
+    head.TEXT_CACHE = True  # keep text embeddings on disk under TEXT_CACHE_DIR (catseg/modeling/text_cache.py)
     head.TEXT_GUIDANCE_DIM = 512  # CLIP text embedding size (input of the text guidance projection)
     head.TEXT_GUIDANCE_PROJ_DIM = 128  # projected text guidance size
     head.APPEARANCE_GUIDANCE_DIM = 512  # deepest backbone feature channels (0: derive from backbone)
@@ -126,3 +127,4 @@ def add_catseg_config(cfg):
     cfg.TEST.SLIDING_OVERLAP = 0.333  # overlap between crops (stride = int(kernel * (1 - overlap)))
     cfg.TEST.SLIDING_OUT_RES = (640, 640)  # image is resized to this before cropping
     cfg.TEST.BF16 = False  # approximate: run inference under bfloat16 autocast
+    cfg.TEST.MAX_INPUT_SIDE = 1280  # OpenVocabPredictor: longer images are first downscaled to this side (0: never)

@@ -15,6 +15,7 @@ from torch import nn
 from ..data.class_names import load_class_names
 from . import clip
 from .aggregator import Aggregator
+from .text_cache import CachedTextEncoder
 
 
 def guidance_dims(cfg, input_shape: Dict[str, ShapeSpec]):
@@ -134,6 +135,7 @@ class CATSegHead(nn.Module):
             train_class_names=load_class_names(head.TRAIN_CLASS_JSON),
             test_class_names=load_class_names(head.TEST_CLASS_JSON),
             aggregator=aggregator,
+            text_encoder=CachedTextEncoder.from_config(cfg),
         )
         return {"feature_resolution": head.FEATURE_RESOLUTION, "ignore_value": head.IGNORE_VALUE,
                 "predictor": predictor}
