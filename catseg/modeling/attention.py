@@ -1,10 +1,14 @@
 """Attention used by the class aggregation: linear (default) and full softmax attention.
 
-Both take (N, L, heads, D) queries and (N, S, heads, D) keys / values and return (N, L, heads, D).
+The sequence runs along dim 1 (the T classes); every other leading dim is a batch dim, so a
+(B, T, M, heads, D) layout attends across classes at each of the M positions without moving
+the classes to a batch-major layout first. Both functions take queries / keys / values of
+shape (B, L, M, heads, D) and return (B, L, M, heads, D).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 
@@ -17,15 +21,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     q = F.elu(q) + 1
     k = F.elu(k) + 1
     length = v.shape[1]
-    kv = torch.einsum("nshd,nshv->nhdv", k, v / length)
-    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
-    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
+    kv = torch.einsum("blmhd,blmhe->bmhde", k, v / length)
+    z = 1 / (torch.einsum("blmhd,bmhd->blmh", q, k.sum(dim=1)) + eps)
+    return torch.einsum("blmhd,bmhde->blmhe", q, kv) * (z * length).unsqueeze(-1)
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention, scale 1 / sqrt(D)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    move = lambda t: t.permute(0, 2, 3, 1, 4)  # noqa: E731  (B, M, heads, L, D)
+    return F.scaled_dot_product_attention(move(q), move(k), move(v)).permute(0, 3, 1, 2, 4)
 
 
 ATTENTION_FUNCTIONS = {"linear": linear_attention, "full": full_attention}
@@ -34,7 +38,9 @@ ATTENTION_FUNCTIONS = {"linear": linear_attention, "full": full_attention}
 class AttentionLayer(nn.Module):
     """Multi-head attention whose queries and keys also see a guidance vector.
 
-    q, k = Linear([x, guidance]); v = Linear(x).
+    q, k = Linear([x, guidance]); v = Linear(x). The guidance depends on the sequence element
+    only (one vector per class), so its half of the q / k projections is computed once per
+    element and broadcast over the positions, from the same parameters split at use time.
     """
 
     def __init__(self, hidden_dim: int, guidance_dim: int, nheads: int = 8, attention_type: str = "linear"):
@@ -47,8 +53,16 @@ class AttentionLayer(nn.Module):
         self.v = nn.Linear(hidden_dim, hidden_dim)
         self.attend = ATTENTION_FUNCTIONS[attention_type]
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor = None) -> torch.Tensor:
-        """x: (N, L, C); guidance: (N, L, G) or None. Returns (N, L, C)."""
-        xg = torch.cat([x, guidance], dim=-1) if guidance is not None else x
-        q, k, v = (rearrange(t, "n l (h d) -> n l h d", h=self.nheads) for t in (self.q(xg), self.k(xg), self.v(x)))
-        return rearrange(self.attend(q, k, v), "n l h d -> n l (h d)")
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, L, M, C), attention along L at each of the M positions; guidance: (B, L, G) or
+        None. Returns (B, L, M, C)."""
+        c = x.shape[-1]
+        w_qk = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]])
+        qk = F.linear(x, w_qk)
+        bias = torch.cat([self.q.bias, self.k.bias])
+        if guidance is not None:
+            bias = F.linear(guidance, torch.cat([self.q.weight[:, c:], self.k.weight[:, c:]]), bias).unsqueeze(2)
+        qk = qk.add_(bias)  # in place: the linear map's backward does not need its output
+        heads = lambda t: t.unflatten(-1, (self.nheads, -1))  # noqa: E731
+        q, k = heads(qk[..., :c]), heads(qk[..., c:])
+        return self.attend(q, k, heads(self.v(x))).flatten(-2)

@@ -127,6 +127,8 @@ class CATSegHead(nn.Module):
             window_size=head.WINDOW_SIZES,
             attention_type=head.ATTENTION_TYPE,
             prompt_channel=len(templates),
+            class_chunk_size=head.CLASS_CHUNK_SIZE,
+            memory_budget_mb=head.MEMORY_BUDGET_MB,
         )
         predictor = CATSegPredictor(
             clip_model=clip_model,
