@@ -17,8 +17,9 @@ wh x ww points (N points) and ch x cw centres per region (M centres):
  2. regions: the maps are zero-padded to multiples of the region side and cut into regions;
     every (region, head) pair clusters on its own. A region side larger than the map is
     clamped to the map's side.
- 3. centre proposal: average pooling of x to ch x cw per region (padded points excluded);
-    the value centres are pooled likewise from value.
+ 3. centre proposal: average pooling of x to ch x cw per region (padded points excluded;
+    a pooling cell holding only padding proposes a zero centre, whose cosine similarity is 0
+    with every point); the value centres are pooled likewise from value.
  4. refinement (seed): ``num_clustering`` rounds of centres = attention(q=centres, k=value,
     v=feature), softmax(QK^T / sqrt(d))V over the region's points in (B, L, heads, d) layout —
     ``flash_attn.flash_attn_func`` when flash-attn is importable and the tensors are CUDA
