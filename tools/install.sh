@@ -26,8 +26,12 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
     pip_ torch==2.14.1 torchvision==0.29.1
 fi
 
+step "installing catseg and its dependencies (editable, with test tools)"
+pip_ -e ".[test]"
+
 # detectron2 is not on PyPI. A user who built it from source keeps their build.
-if ! "$VPY" -c "import detectron2" 2>/dev/null; then
+# (Deep imports, so that a copy cut short by an interruption is detected and redone.)
+if ! "$VPY" -c "import detectron2.engine, detectron2.evaluation, detectron2.projects.deeplab" 2>/dev/null; then
     step "installing detectron2 (sal-detectron2 0.7.2 wheel, cp310 build, pure-Python parts)"
     site=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     tmp=$(mktemp -d)
@@ -38,9 +42,6 @@ if ! "$VPY" -c "import detectron2" 2>/dev/null; then
     rm -rf "$tmp"
 fi
 
-step "installing catseg and its dependencies (editable, with test tools)"
-pip_ -e ".[test]"
-
-"$VPY" -c "import catseg, detectron2, open_clip, timm" 
+"$VPY" -W ignore -c "import catseg, detectron2, open_clip, timm"
 echo "$want" > "$STAMP"
 step "done"
