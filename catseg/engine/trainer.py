@@ -1,0 +1,140 @@
+"""CATSegTrainer: detectron2's DefaultTrainer with the CAT-Seg recipe and exact resume.
+
+Differences from DefaultTrainer:
+- optimizer: `catseg.engine.solver.build_optimizer` (official parameter groups, full-model
+  gradient clipping);
+- training data: the mapper of INPUT.DATASET_MAPPER_NAME over a resumable stream
+  (`catseg.engine.data_stream`): after `--resume` the run sees exactly the batches and
+  augmentations the uninterrupted run would have seen;
+- every iteration seeds torch's RNG (drop path, ...) from (data seed, iteration, rank), and the
+  data seed is saved in checkpoints, so resumed weights equal uninterrupted ones;
+- DDP without device_ids on CPU (gloo processes started by detectron2's `launch`);
+- checkpoints through `CATSegCheckpointer` (atomic saves, one mismatch report, strict option);
+- evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
+  that each dataset's folders exist.
+"""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import CATSegCheckpointer
+from ..data.datasets import check_dataset_exists, register_from_config
+from ..data.mapper import SemSegDatasetMapper
+from ..evaluation import build_evaluator
+from .data_stream import build_resumable_train_loader, mix_seed
+from .solver import build_optimizer
+
+TRAIN_MAPPERS = {"mask_former_semantic": SemSegDatasetMapper}
+
+
+def create_ddp_model_any_device(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """create_ddp_model, with device_ids=None when the model is on the CPU (gloo)."""
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return create_ddp_model(model, **kwargs)
+
+
+def prepare_datasets(cfg, names) -> None:
+    """Register DATASETS.CUSTOM and check that every dataset in `names` is on disk.
+
+    A missing folder raises catseg.data.datasets.DatasetNotFoundError whose one-line message
+    names the path and the prepare script.
+    """
+    register_from_config(cfg)
+    for name in names:
+        check_dataset_exists(name)
+
+
+def data_seed(cfg) -> int:
+    """cfg.SEED when set (>= 0), otherwise a seed shared by all ranks."""
+    return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+
+
+class DataStreamState(hooks.HookBase):
+    """Saves the data seed in checkpoints and restores it (with the stream position) on resume."""
+
+    def state_dict(self):
+        return {"seed": self.trainer.train_sampler.seed}
+
+    def load_state_dict(self, state):
+        self.trainer.set_data_seed(state["seed"])
+
+
+class CATSegTrainer(DefaultTrainer):
+    """DefaultTrainer for CAT-Seg; see the module docstring."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+            raise RuntimeError("SOLVER.AMP.ENABLED needs a CUDA device (detectron2's AMPTrainer)")
+        prepare_datasets(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        self.data_seed = data_seed(cfg)
+        data_loader, self.train_sampler = self.build_resumable_train_loader(cfg, self.data_seed)
+        model = create_ddp_model_any_device(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = CATSegCheckpointer(model, cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT,
+                                               trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks() + [DataStreamState()])
+
+    def set_data_seed(self, seed: int) -> None:
+        """Use `seed` for the sampler, the augmentations and the per-iteration torch seed."""
+        self.data_seed = seed
+        self.train_sampler.seed = seed
+        self.data_loader.dataset.dataset.seed = seed
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        self.train_sampler.set_start_iter(self.start_iter)
+
+    def run_step(self):
+        torch.manual_seed(mix_seed(self.data_seed, self.iter * comm.get_world_size() + comm.get_rank()))
+        super().run_step()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_resumable_train_loader(cls, cfg, seed: int):
+        """(loader, sampler) over DATASETS.TRAIN with the configured training mapper."""
+        name = cfg.INPUT.DATASET_MAPPER_NAME
+        if name not in TRAIN_MAPPERS:
+            raise ValueError(f"INPUT.DATASET_MAPPER_NAME {name!r}: expected one of {sorted(TRAIN_MAPPERS)}")
+        dicts = [d for dataset in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(dataset)]
+        return build_resumable_train_loader(
+            dicts, TRAIN_MAPPERS[name](cfg, True), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            seed=seed, num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return cls.build_resumable_train_loader(cfg, data_seed(cfg))[0]
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        prepare_datasets(cfg, cfg.DATASETS.TEST)
+        return super().test(cfg, model, evaluators)
+

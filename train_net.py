@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train or evaluate CAT-Seg (detectron2 command line).
+
+  python train_net.py --config-file configs/vitl_swinb_384.yaml --num-gpus 4
+  python train_net.py --config-file configs/ade150.yaml --eval-only MODEL.WEIGHTS model.pth
+  python train_net.py --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
+
+Multi-machine: --num-machines, --machine-rank, --dist-url (detectron2's launcher). With
+MODEL.DEVICE cpu, --num-gpus N starts N CPU processes (gloo).
+"""
+import json
+import logging
+import os
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+
+from catseg import add_catseg_config
+from catseg.checkpoint import CATSegCheckpointer
+from catseg.engine import CATSegTrainer, launch, prepare_datasets
+
+
+def load_config(args):
+    """The config of `args.config_file` + `args.opts`, over detectron2's and catseg's defaults."""
+    cfg = get_cfg()
+    add_catseg_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def evaluate(cfg, resume: bool = False):
+    """Evaluate MODEL.WEIGHTS (or the last checkpoint with `resume`) on DATASETS.TEST.
+
+    Writes OUTPUT_DIR/metrics_eval.json on the main process; returns the metrics.
+    """
+    prepare_datasets(cfg, cfg.DATASETS.TEST)
+    model = CATSegTrainer.build_model(cfg)
+    CATSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=resume)
+    results = CATSegTrainer.test(cfg, model)
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "metrics_eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def main(args):
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        return evaluate(cfg, resume=args.resume)
+    trainer = CATSegTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    device = load_config(args).MODEL.DEVICE
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,), device=device)
+
+
+if __name__ == "__main__":
+    cli()
