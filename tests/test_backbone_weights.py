@@ -68,3 +68,20 @@ def test_gradient_reaches_every_trainable_parameter(name):
     loss.backward()
     dead = [n for n, p in backbone.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not dead, dead
+
+
+def test_vit_checkpoint_from_another_resolution_is_resampled(tmp_path):
+    """A timm-layout ViT checkpoint made for 224x224 (14x14 position grid) loads into a 384x384
+    D2ViT (24x24 grid): the position embedding is resampled, nothing is reported."""
+    cfg = tiny_cfg("vit")
+    cfg.MODEL.VIT.IMG_SIZE = 224
+    source = build(cfg, seed=0)
+    state = {k[len("vit."):]: v for k, v in source.state_dict().items() if k.startswith("vit.")}
+    torch.save(state, tmp_path / "vit224.pth")
+    cfg.MODEL.VIT.IMG_SIZE = 384
+    target = build(cfg, seed=1)
+    report = target.load_weights(str(tmp_path / "vit224.pth"))
+    assert not report.unexpected and not report.shape_mismatch
+    assert all(k.startswith(("pyramid.", "projections.")) for k in report.missing)
+    assert target.vit.pos_embed.shape[1] == 1 + 24 * 24
+    torch.testing.assert_close(target.vit.blocks[0].attn.qkv.weight, source.vit.blocks[0].attn.qkv.weight)
