@@ -10,7 +10,6 @@ count, e.g. for a subset; `--no-count-check` skips the check.
 import argparse
 import json
 import os
-import shutil
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -135,20 +134,13 @@ def save_image_cv2(path: Path, image: np.ndarray) -> None:
     write_atomic(path, save)
 
 
-def copy_file(path: Path, source: Path) -> None:
-    write_atomic(path, lambda p: shutil.copyfile(source, p))
-
-
 def read_array(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im)
 
 
-def run_jobs(jobs: List[Tuple[List[Path], Callable[[], None]]], desc: str) -> Tuple[int, int]:
-    """Run each (outputs, convert) job whose outputs do not all exist yet, with a progress bar.
-
-    Returns (converted, skipped-because-done).
-    """
+def run_jobs(jobs: List[Tuple[List[Path], Callable[[], None]]], desc: str) -> None:
+    """Run each (outputs, convert) job whose outputs do not all exist yet, with a progress bar."""
     done = 0
     todo = []
     for outputs, convert in jobs:
@@ -156,9 +148,10 @@ def run_jobs(jobs: List[Tuple[List[Path], Callable[[], None]]], desc: str) -> Tu
             done += 1
         else:
             todo.append(convert)
+    if done:
+        print(f"{desc}: {done} already converted, skipped", file=sys.stderr)
     for convert in tqdm(todo, desc=desc, unit="img", file=sys.stderr):
         convert()
-    return len(todo), done
 
 
 def count_files(folder: Path, suffix: str) -> int:

@@ -1,6 +1,5 @@
 """Training mapper: resize, category-area crop, colour augmentation, flip, padding."""
 import numpy as np
-import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
