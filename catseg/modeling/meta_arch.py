@@ -4,6 +4,7 @@ Inference pads and post-processes every image on its own (official parity is def
 image), so a batch gives each image exactly what it gets alone; the network itself still runs
 on the whole batch at once, since every view is resized to fixed CLIP / backbone resolutions.
 """
+from contextlib import nullcontext
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -52,6 +53,11 @@ def merge_sliding_window(probs: torch.Tensor, kernel: int, stride: int, out_res:
     return ((folded / count + resize(global_view, out_res)) / 2)[0]
 
 
+def class_chunk(classes: int, bytes_per_class: int, budget_mb: float) -> int:
+    """Classes per chunk so that one chunk's temporaries stay within `budget_mb`."""
+    return max(1, min(classes, int(budget_mb * 2 ** 20 // max(1, bytes_per_class))))
+
+
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
     """Official CAT-Seg loss: per-class binary cross-entropy against one-hot targets.
 
@@ -86,6 +92,8 @@ class CATSeg(nn.Module):
         sliding_kernel: int,
         sliding_overlap: float,
         sliding_out_res: Tuple[int, int],
+        memory_budget_mb: float = 2048,
+        bf16: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -97,6 +105,8 @@ class CATSeg(nn.Module):
         self.sliding_kernel = sliding_kernel
         self.sliding_stride = int(sliding_kernel * (1 - sliding_overlap))
         self.sliding_out_res = tuple(sliding_out_res)
+        self.memory_budget_mb = memory_budget_mb
+        self.bf16 = bf16
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
             self.register_buffer(name, torch.tensor(value).view(-1, 1, 1), persistent=False)
@@ -121,6 +131,8 @@ class CATSeg(nn.Module):
             "sliding_kernel": cfg.TEST.SLIDING_KERNEL,
             "sliding_overlap": cfg.TEST.SLIDING_OVERLAP,
             "sliding_out_res": cfg.TEST.SLIDING_OUT_RES,
+            "memory_budget_mb": head.MEMORY_BUDGET_MB,
+            "bf16": cfg.TEST.BF16,
         }
 
     @property
@@ -138,9 +150,17 @@ class CATSeg(nn.Module):
         return self.run_network(clip_in, backbone_in)
 
     def run_network(self, clip_in: torch.Tensor, backbone_in: torch.Tensor) -> torch.Tensor:
-        """Normalised, resized inputs -> (N, T, 4h, 4w) logits."""
-        clip_tokens = encode_image_dense(self.sem_seg_head.predictor.clip_model, clip_in)
-        return self.sem_seg_head(clip_tokens, self.backbone(backbone_in))
+        """Normalised, resized inputs -> (N, T, 4h, 4w) logits (fp32).
+
+        At inference with `bf16` (TEST.BF16) the network runs under bfloat16 autocast:
+        faster, approximate.
+        """
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if self.bf16 and not self.training else nullcontext())
+        with autocast:
+            clip_tokens = encode_image_dense(self.sem_seg_head.predictor.clip_model, clip_in)
+            logits = self.sem_seg_head(clip_tokens, self.backbone(backbone_in))
+        return logits.float()
 
     def forward(self, batched_inputs: List[Dict]):
         """
@@ -154,10 +174,13 @@ class CATSeg(nn.Module):
         if self.training:
             return self.training_loss(images, [x["sem_seg"].to(self.device) for x in batched_inputs])
         sizes = [(x.get("height", im.shape[-2]), x.get("width", im.shape[-1])) for x, im in zip(batched_inputs, images)]
-        if self.sliding_window:
-            outputs = self.inference_sliding_window(images, sizes)
-        else:
-            outputs = self.inference_whole_image(images, sizes)
+        with torch.no_grad():  # cached text features must be ordinary tensors, usable in training later
+            self.sem_seg_head.predictor.text_features()
+        with torch.inference_mode():
+            if self.sliding_window:
+                outputs = self.inference_sliding_window(images, sizes)
+            else:
+                outputs = self.inference_whole_image(images, sizes)
         return [{"sem_seg": out} for out in outputs]
 
     def training_loss(self, images: List[torch.Tensor], labels: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -189,10 +212,22 @@ class CATSeg(nn.Module):
 
     def inference_sliding_window(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
         """Overlapping crops of each image (resized to SLIDING_OUT_RES) plus a global view, all
-        images' views in one network pass; see `merge_sliding_window`."""
+        images' views in one network pass; see `merge_sliding_window`.
+
+        Merging and post-processing are per class, so they run over class chunks sized by
+        MEMORY_BUDGET_MB: only the (T, height, width) output is ever whole.
+        """
         k, stride, out_res = self.sliding_kernel, self.sliding_stride, self.sliding_out_res
         views = [sliding_window_views(x, k, stride, out_res) for x in images]
-        logits = self.logits(torch.cat(views))
-        probs = resize(logits, (k, k)).sigmoid().split([len(v) for v in views])
-        return [sem_seg_postprocess(merge_sliding_window(p, k, stride, out_res), out_res, h, w)
-                for p, (h, w) in zip(probs, sizes)]
+        logits = self.logits(torch.cat(views)).split([len(v) for v in views])
+        outputs = []
+        for lg, (h, w) in zip(logits, sizes):
+            classes = lg.shape[1]
+            chunk = class_chunk(classes, 4 * (2 * len(lg) * k * k + 3 * out_res[0] * out_res[1] + h * w),
+                                self.memory_budget_mb)
+            out = lg.new_empty(classes, h, w)
+            for s in range(0, classes, chunk):
+                probs = resize(lg[:, s:s + chunk], (k, k)).sigmoid()
+                out[s:s + chunk] = sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
+            outputs.append(out)
+        return outputs

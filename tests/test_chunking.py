@@ -1,0 +1,77 @@
+"""Chunked inference (classes in the spatial blocks / decoder, positions in the class attention,
+classes in the sliding-window merge) gives the unchunked result, on the tiny config."""
+import pytest
+import torch
+
+from helpers import make_model
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make_model(opts=["MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1, 1]"]).eval()
+    m.sem_seg_head.predictor.set_test_classes([f"class {i}" for i in range(7)])
+    return m
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(0)).float()
+
+
+def predict(model, image, sliding=False):
+    model.sliding_window = sliding
+    return model([{"image": image, "height": 60, "width": 80}])[0]["sem_seg"]
+
+
+def configure(model, class_chunk, budget_mb):
+    agg = model.sem_seg_head.predictor.transformer
+    agg.class_chunk_size, agg.memory_budget_mb, model.memory_budget_mb = class_chunk, budget_mb, budget_mb
+
+
+@pytest.fixture(scope="module")
+def unchunked(model, image):
+    configure(model, 7, 1e6)
+    return predict(model, image), predict(model, image, sliding=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_class_chunks_match_unchunked(model, image, unchunked, chunk):
+    configure(model, chunk, 1e6)
+    assert (predict(model, image) - unchunked[0]).abs().max().item() <= TOL
+
+
+def test_tiny_budget_chunks_everything(model, image, unchunked):
+    """A budget smaller than one class: 1 class per chunk, a few positions per attention chunk,
+    1 class per sliding-window merge chunk."""
+    configure(model, 0, 0.5)
+    agg = model.sem_seg_head.predictor.transformer
+    with torch.no_grad():
+        assert agg.chunk_sizes(5, 7, 24, 24) == (1, 11)
+    assert (predict(model, image) - unchunked[0]).abs().max().item() <= TOL
+    assert (predict(model, image, sliding=True) - unchunked[1]).abs().max().item() <= TOL
+
+
+def test_budget_bounds_chunk_size(model):
+    agg = model.sem_seg_head.predictor.transformer
+    configure(model, 0, 64)
+    with torch.no_grad():
+        per_class, per_position = agg.chunk_sizes(5, 847, 24, 24)
+        assert 1 < per_class < 847 and 1 < per_position < 576
+        assert 5 * per_class * agg.slice_bytes(24, 24) <= 64 * 2 ** 20
+    configure(model, 3, 64)
+    with torch.no_grad():
+        assert agg.chunk_sizes(5, 847, 24, 24)[0] == 3
+
+
+def test_autograd_path_matches_inference_path(model, image):
+    """With autograd on nothing is chunked or written in place: same logits as the chunked path."""
+    configure(model, 2, 1e-3)
+    clip_in = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(1))
+    backbone_in = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        chunked = model.run_network(clip_in, backbone_in)
+    plain = model.run_network(clip_in, backbone_in)
+    assert plain.requires_grad
+    assert (plain.detach() - chunked).abs().max().item() <= TOL
