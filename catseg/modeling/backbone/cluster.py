@@ -172,6 +172,10 @@ class Clustering(nn.Module):
         """(B, e*d, H', W') -> (B*R*e, d, wh, ww), R regions of wh x ww."""
         return rearrange(t, "b (e d) (nh wh) (nw ww) -> (b nh nw e) d wh ww", e=self.heads, wh=wh, ww=ww)
 
+    def to_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B*R*e, L, d) -> (B*R, L, e, d), the layout of flash_attn_func."""
+        return rearrange(t, "(br e) l d -> br l e d", e=self.heads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         wh, ww = min(self.window[0], H), min(self.window[1], W)
@@ -191,10 +195,9 @@ class Clustering(nn.Module):
         value = value.flatten(2).transpose(1, 2)  # (BRe, N, d)
         if self.num_clustering > 0:
             # flash layout (B*R, L, e, d): the heads of one region form one attention call
-            as_heads = lambda t: rearrange(t, "(br e) l d -> br l e d", e=self.heads)  # noqa: E731
-            feature = as_heads(regions[2].flatten(2).transpose(1, 2))
-            keys = as_heads(value)
-            query = as_heads(centers)
+            feature = self.to_heads(regions[2].flatten(2).transpose(1, 2))
+            keys = self.to_heads(value)
+            query = self.to_heads(centers)
             for _ in range(self.num_clustering):
                 query = attention(query, keys, feature)
             centers = rearrange(query, "br l e d -> (br e) l d")
