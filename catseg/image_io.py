@@ -15,7 +15,7 @@ are decoded at a reduced DCT scale; `downscale` then bounds the longer side.
 """
 import math
 from pathlib import Path
-from typing import Union
+from typing import Tuple, Union
 
 import cv2
 import numpy as np
@@ -26,6 +26,8 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
 
 WHITE = 255
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class ImageReadError(ValueError):
@@ -49,14 +51,19 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
         gray = np.round(np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(0, 255)).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.has_transparency_data:
-        return composite_over_white(np.asarray(image.convert("RGBA")))
-    return np.asarray(image.convert("RGB"))
+        return composite_over_white(np.array(image.convert("RGBA")))
+    return np.array(image.convert("RGB"))
 
 
 def read_image(path: Union[str, Path], max_side: int = 0) -> np.ndarray:
     """Read an image file -> (H, W, 3) uint8 RGB. `max_side` > 0 lets JPEGs decode at a
     reduced DCT scale (1/2, 1/4, 1/8) whose longer side stays >= `max_side` (other formats:
     no effect)."""
+    return read_image_and_size(path, max_side)[0]
+
+
+def read_image_and_size(path: Union[str, Path], max_side: int = 0) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """`read_image`, and the (H, W) of the full-size image after EXIF rotation."""
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
@@ -64,11 +71,14 @@ def read_image(path: Union[str, Path], max_side: int = 0) -> np.ndarray:
         raise ImageReadError(f"{path}: is a folder, not an image file")
     try:
         with Image.open(path) as image:
+            w, h = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
+                w, h = h, w
             if max_side and max(image.size) > max_side:
                 scale = max_side / max(image.size)
                 image.draft(None, (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
             image.load()
-            return pil_to_rgb(image)
+            return pil_to_rgb(image), (h, w)
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: too many pixels ({e})") from None
     except UnidentifiedImageError:
@@ -119,13 +129,23 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 
 def to_rgb(image: ImageInput, format: str = "RGB", max_side: int = 0) -> np.ndarray:
     """A file path, PIL image or numpy array (channels in `format` order) -> (H, W, 3) uint8 RGB."""
+    return load_image(image, format, max_side)[0]
+
+
+def load_image(image: ImageInput, format: str = "RGB", max_side: int = 0) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Any input -> ((h, w, 3) uint8 RGB with longer side <= `max_side` (0: any), (H, W) of the
+    full-size input after EXIF rotation)."""
     if isinstance(image, (str, Path)):
-        return read_image(image, max_side)
-    if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return array_to_rgb(image, format)
-    raise TypeError(f"image of type {type(image).__name__}: expected a path, a PIL image or a numpy array")
+        rgb, size = read_image_and_size(image, max_side)
+    elif isinstance(image, Image.Image):
+        rgb = pil_to_rgb(image)
+        size = rgb.shape[:2]
+    elif isinstance(image, np.ndarray):
+        rgb = array_to_rgb(image, format)
+        size = rgb.shape[:2]
+    else:
+        raise TypeError(f"image of type {type(image).__name__}: expected a path, a PIL image or a numpy array")
+    return downscale(rgb, max_side), tuple(size)
 
 
 def downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:

@@ -1,0 +1,226 @@
+"""`catseg-demo` (and demo/demo.py): segment image files with your own class names.
+
+    catseg-demo --config-file configs/vitl_swinb_384.yaml --opts MODEL.WEIGHTS model.pth \\
+        --input photos/ "more/*.jpg" --output out/ --vocab "cat, kitten; sofa; floor"
+
+Inputs: files, folders (their image files, not recursive) and glob patterns. Vocabulary: one of
+--vocab "a, b; c" (";" separates classes, "," lists synonyms of one class), --vocab-file
+(.json list or .txt with one class per line) or --dataset-vocab (a shipped list: ade150,
+ade847, coco, pc59, pc459, voc20, voc20b); none: the config's TEST_CLASS_JSON.
+
+For an input `photo.jpg` it writes into --output:
+  photo_overlay.png  the labels blended over the image, legend of the classes present
+  photo_labels.png   the label map: class ids (uint8; uint16 when there are more than 255 classes)
+  photo.json         the JSON below
+Two inputs with the same stem get `photo_2...` and so on.
+
+JSON schema ("catseg-demo/1"):
+  schema        "catseg-demo/1"
+  input         the input path as given/found
+  image_size    [H, W] of the input (after EXIF rotation)
+  output_size   [h, w] of the label map and overlay (smaller than image_size only when the
+                input's longer side exceeds TEST.MAX_INPUT_SIDE)
+  classes       [{"id": int, "name": str, "pixel_share": float}] every class of the vocabulary,
+                id = value in the label map, share = fraction of label-map pixels (sums to 1)
+  present       ids of the classes with pixel_share > 0, largest share first (= the legend)
+  label_map     file name of the label-map PNG;  label_dtype  "uint8" or "uint16"
+  overlay       file name of the overlay PNG
+  config        the config file;  weights  the checkpoint ("" for random / built weights)
+
+Prints a one-line summary per image and a progress bar. A file that cannot be read is reported
+and skipped. Exit code: 0 when every input was processed, 1 when any failed (or an input
+matched nothing), 2 for usage errors (bad arguments, empty vocabulary).
+"""
+import argparse
+import glob
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .image_io import IMAGE_EXTENSIONS, ImageReadError
+from .overlay import render_overlay
+from .vocabulary import EmptyVocabularyError, parse_vocabulary, read_vocabulary_file
+
+SCHEMA = "catseg-demo/1"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+RANDOM_WEIGHTS_BANNER = """\
+############################################################################
+#  No --config-file given: using {config}
+#  with RANDOM weights. The masks below are meaningless; they only show the
+#  pipeline works. Pass --config-file and MODEL.WEIGHTS for real results.
+############################################################################"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catseg-demo", description="Open-vocabulary segmentation of image files.",
+                                epilog="Output files and JSON schema: see catseg/demo_cli.py or demo/README.md.")
+    p.add_argument("--config-file", default="", help=f"model config (default {DEFAULT_CONFIG.name}, random weights)")
+    p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
+    p.add_argument("--output", required=True, help="output folder (created)")
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab", help='class names: "cat, kitten; sky" (";" classes, "," synonyms)')
+    vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
+    vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per network pass")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    return p
+
+
+def expand_inputs(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
+    """Files for the --input entries, in order without repeats, and the entries matching nothing.
+
+    A folder gives its files with an image extension (sorted); a glob gives its matches
+    (files only); an existing file is taken whatever its extension.
+    """
+    files, unmatched = [], []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+        if not found:
+            unmatched.append(spec)
+        files.extend(found)
+    return list(dict.fromkeys(files)), unmatched
+
+
+def output_stems(files: Sequence[Path]) -> List[str]:
+    """A distinct output stem per file: its own stem, then stem_2, stem_3... on repeats."""
+    used, stems = set(), []
+    for f in files:
+        stem, n = f.stem, 1
+        while stem in used:
+            n += 1
+            stem = f"{f.stem}_{n}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, weights: str) -> dict:
+    """Write the overlay, label map and JSON of one result; returns the JSON dict."""
+    labels = result.labels.numpy()
+    dtype = np.uint8 if len(result.classes) <= 255 else np.uint16
+    Image.fromarray(labels.astype(dtype)).save(out_dir / f"{stem}_labels.png")
+    shares, present = result.pixel_shares(), result.present()
+    overlay, _ = render_overlay(result.image, labels, result.classes, present, shares)
+    overlay.save(out_dir / f"{stem}_overlay.png")
+    record = {
+        "schema": SCHEMA,
+        "input": str(source),
+        "image_size": list(result.image_size),
+        "output_size": list(labels.shape),
+        "classes": [{"id": i, "name": n, "pixel_share": round(s, 6)}
+                    for i, (n, s) in enumerate(zip(result.classes, shares))],
+        "present": present,
+        "label_map": f"{stem}_labels.png",
+        "label_dtype": np.dtype(dtype).name,
+        "overlay": f"{stem}_overlay.png",
+        "config": config,
+        "weights": weights,
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return record
+
+
+def summary_line(source: Path, record: dict, seconds: float, top: int = 4) -> str:
+    """'photo.jpg  640x480  3 classes: sky 45.1%; dog, puppy 30.2%; grass 24.7%  (0.52 s)'."""
+    classes = record["classes"]
+    parts = [f"{classes[i]['name']} {classes[i]['pixel_share']:.1%}" for i in record["present"][:top]]
+    more = len(record["present"]) - top
+    h, w = record["image_size"]
+    return (f"{source}  {w}x{h}  {len(record['present'])} classes: {'; '.join(parts)}"
+            f"{f'; +{more} more' if more > 0 else ''}  ({seconds:.2f} s)")
+
+
+def choose_vocabulary(args) -> Optional[List[str]]:
+    if args.vocab is not None:
+        return parse_vocabulary(args.vocab)
+    if args.vocab_file:
+        return read_vocabulary_file(args.vocab_file)
+    if args.dataset_vocab:
+        return read_vocabulary_file(args.dataset_vocab)
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: print(f"WARNING: {message}", file=sys.stderr)
+        return run(args)
+
+
+def run(args) -> int:
+    """The demo on parsed arguments (see the module docstring); returns the exit code."""
+    if len(args.opts) % 2:
+        print("error: --opts takes KEY VALUE pairs", file=sys.stderr)
+        return 2
+    try:
+        vocabulary = choose_vocabulary(args)
+    except (EmptyVocabularyError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = args.config_file or str(DEFAULT_CONFIG)
+    if not args.config_file:
+        print(RANDOM_WEIGHTS_BANNER.format(config=config), file=sys.stderr)
+    files, unmatched = expand_inputs(args.input)
+    for spec in unmatched:
+        print(f"FAILED {spec}: no file or folder matches", file=sys.stderr)
+    if not files:
+        print("error: no input images found", file=sys.stderr)
+        return 1
+
+    from .predictor import OpenVocabPredictor  # heavy imports after argument checks
+
+    predictor = OpenVocabPredictor(config, opts=args.opts, batch_size=args.batch_size)
+    weights = predictor.cfg.MODEL.WEIGHTS
+    if args.config_file and not weights:
+        print("WARNING: MODEL.WEIGHTS is empty: the CAT-Seg head has random weights", file=sys.stderr)
+    classes = predictor.set_vocabulary(vocabulary if vocabulary is not None else predictor.classes)
+    encoder = predictor.head.text_encoder
+    cache = {True: ", disk cache hit", False: ", disk cache miss"}.get(getattr(encoder, "last_hit", None), "")
+    print(f"vocabulary: {len(classes)} classes x {len(predictor.head.prompt_templates)} templates, "
+          f"text embeddings in {predictor.text_seconds:.2f} s{cache}", file=sys.stderr)
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = len(unmatched)
+    stems = output_stems(files)
+    with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
+        for start in range(0, len(files), predictor.batch_size):
+            batch = []
+            for path, stem in zip(files[start:start + predictor.batch_size], stems[start:start + predictor.batch_size]):
+                try:
+                    batch.append((path, stem, predictor.prepare(path)))
+                except ImageReadError as e:
+                    failures += 1
+                    tqdm.write(f"FAILED {e}", file=sys.stderr)
+                    bar.update(1)
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            results = predictor.run([prepared for _, _, prepared in batch])
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for (path, stem, _), result in zip(batch, results):
+                record = write_outputs(result, path, out_dir, stem, config, weights)
+                tqdm.write(summary_line(path, record, seconds))
+                bar.update(1)
+    done = len(files) - (failures - len(unmatched))
+    print(f"{done} of {len(files)} images segmented into {out_dir}"
+          f"{f'; {failures} failed' if failures else ''}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

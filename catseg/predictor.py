@@ -1,0 +1,151 @@
+"""OpenVocabPredictor: image(s) + your class names -> segmentation, for scripts and the demo.
+
+    from catseg.predictor import OpenVocabPredictor
+    predictor = OpenVocabPredictor("configs/vitl_swinb_384.yaml", weights="model_final.pth")
+    result = predictor.predict("photo.jpg", ["cat, kitten", "sofa", "floor"])
+    result.labels        # (h, w) int64 class ids into result.classes
+    result.probs         # (T, h, w) float32 per-class probabilities (sigmoid scores)
+    result.classes       # the class list actually used (normalised, duplicates removed)
+
+Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see catseg.image_io).
+A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
+Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW; the device follows
+cfg.MODEL.DEVICE ("cuda" without a GPU: the CPU, with a warning); everything runs under torch.inference_mode.
+
+Memory bound: an image whose longer side exceeds cfg.TEST.MAX_INPUT_SIDE (default 1280) is
+first downscaled to it (area resampling; JPEGs decode directly at a reduced scale), so the
+output maps are at most MAX_INPUT_SIDE on their longer side: `probs` takes at most
+T x MAX_INPUT_SIDE^2 x 4 bytes (150 classes at 1280 x 1280: 0.98 GB); the network itself
+always sees fixed-size views (CLIP / backbone resolution, or the sliding-window crops of
+TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size.
+"""
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+
+from .config import add_catseg_config
+from .image_io import ImageInput, load_image
+from .vocabulary import clean_vocabulary
+
+
+@dataclass
+class Segmentation:
+    """One image's result.
+
+    labels: (h, w) int64, index into `classes` of the most probable class per pixel.
+    probs: (T, h, w) float32 per-class probabilities (independent sigmoids, as CAT-Seg is
+        trained; they need not sum to 1).
+    classes: the T class names used.
+    image: (h, w, 3) uint8 RGB image the maps align with (downscaled input, if it was large).
+    image_size: (H, W) of the input before any downscaling (after EXIF rotation).
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    classes: List[str]
+    image: np.ndarray = field(repr=False)
+    image_size: Tuple[int, int]
+
+    def pixel_shares(self) -> List[float]:
+        """Share of pixels labelled with each class, in class order (sums to 1)."""
+        counts = torch.bincount(self.labels.flatten(), minlength=len(self.classes))
+        return (counts.double() / self.labels.numel()).tolist()
+
+    def present(self) -> List[int]:
+        """Ids of the classes that label at least one pixel, largest share first."""
+        shares = self.pixel_shares()
+        return sorted((i for i, s in enumerate(shares) if s > 0), key=lambda i: (-shares[i], i))
+
+
+def load_config(config: Union[str, CfgNode], opts: Sequence[str] = ()) -> CfgNode:
+    """A catseg config from a YAML path (or a copy of a CfgNode), with KEY VALUE overrides."""
+    if isinstance(config, CfgNode):
+        cfg = config.clone()
+    else:
+        cfg = get_cfg()
+        add_catseg_config(cfg)
+        cfg.merge_from_file(str(config))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+class OpenVocabPredictor:
+    """See the module docstring.
+
+    Args:
+        config: a YAML path or a CfgNode (catseg keys added).
+        weights: checkpoint path (default cfg.MODEL.WEIGHTS; "" keeps the built weights).
+        opts: KEY VALUE config overrides.
+        batch_size: images per network pass.
+        max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
+    """
+
+    def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
+                 batch_size: int = 2, max_side: Optional[int] = None):
+        self.cfg = load_config(config, opts)
+        if self.cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn(f"MODEL.DEVICE is {self.cfg.MODEL.DEVICE!r} but CUDA is not available: running on the CPU",
+                          UserWarning, stacklevel=2)
+            self.cfg.MODEL.DEVICE = "cpu"
+        self.model = build_model(self.cfg).eval()
+        weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
+        if weights:
+            DetectionCheckpointer(self.model).load(weights)
+        self.batch_size = max(1, batch_size)
+        self.max_side = self.cfg.TEST.MAX_INPUT_SIDE if max_side is None else max_side
+        self.text_seconds: Optional[float] = None  # time of the latest text-embedding stage
+
+    @property
+    def head(self):
+        return self.model.sem_seg_head.predictor
+
+    @property
+    def classes(self) -> List[str]:
+        """The current vocabulary."""
+        return list(self.head.test_class_names)
+
+    def set_vocabulary(self, vocabulary: Sequence[str]) -> List[str]:
+        """Clean `vocabulary` (see catseg.vocabulary.clean_vocabulary), make it current and
+        compute its text embeddings (disk-cached); returns the class list used."""
+        classes = clean_vocabulary(vocabulary)
+        self.head.set_test_classes(classes)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.head.text_features()
+        self.text_seconds = time.perf_counter() - start
+        return classes
+
+    def prepare(self, image: ImageInput, format: str = "RGB") -> Tuple[np.ndarray, Tuple[int, int]]:
+        """-> ((h, w, 3) uint8 RGB the network sees, (H, W) input size); see catseg.image_io."""
+        return load_image(image, format, self.max_side)
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], vocabulary: Optional[Sequence[str]] = None,
+                format: str = "RGB") -> Union[Segmentation, List[Segmentation]]:
+        """Segment one image (-> Segmentation) or a list of images (-> list) with `vocabulary`
+        (default: the current one, initially cfg's TEST_CLASS_JSON)."""
+        single = not isinstance(images, (list, tuple))
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+        prepared = [self.prepare(im, format) for im in ([images] if single else images)]
+        results = []
+        for start in range(0, len(prepared), self.batch_size):
+            results.extend(self.run(prepared[start:start + self.batch_size]))
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def run(self, prepared: Sequence[Tuple[np.ndarray, Tuple[int, int]]]) -> List[Segmentation]:
+        """One network pass over prepared images (see `prepare`)."""
+        inputs = [{"image": torch.from_numpy(rgb).permute(2, 0, 1).float(), "height": rgb.shape[0],
+                   "width": rgb.shape[1]} for rgb, _ in prepared]
+        outputs = self.model(inputs)
+        classes = self.classes
+        return [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
+                             classes=classes, image=rgb, image_size=size)
+                for out, (rgb, size) in zip(outputs, prepared)]
