@@ -106,7 +106,9 @@ class CATSegCheckpointer(DetectionCheckpointer):
         return super().load(path, checkpointables)
 
     def _log_incompatible_keys(self, incompatible) -> None:
-        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys)
+        wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
+        missing = [k for k in _filter_reused_missing_keys(self.model, incompatible.missing_keys)
+                   if k not in wrong_shape]
         report = format_mismatch_report(self._source, missing, incompatible.unexpected_keys,
                                         incompatible.incorrect_shapes)
         if not report:
