@@ -2,8 +2,9 @@
 
 An entry is keyed by everything its (T, P, C) embeddings depend on:
 - the CLIP text tower's weights (`text_tower_fingerprint`: sha256 of every text-tower tensor's
-  name, shape, dtype and float64 row and column sums; computed once per process and model,
-  recomputed when any tensor is replaced or modified in place, e.g. by loading a checkpoint),
+  name, shape, dtype and exact integer row and column sums of its bit patterns; computed once
+  per process and model, again when any tensor is replaced or modified in place, e.g. by
+  loading a checkpoint),
 - the tokenizer (class, context length, vocabulary size),
 - the class names and the prompt templates, in order,
 - the encoder's own settings (format version, EOT bounding, synonym merging).
@@ -49,12 +50,18 @@ def text_tower_tensors(clip_model: nn.Module) -> Dict[str, torch.Tensor]:
             if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")}
 
 
+# Integer views of each element size: the fingerprint sums bit patterns, exactly.
+INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @torch.no_grad()
 def text_tower_fingerprint(clip_model: nn.Module) -> str:
     """sha256 hex digest identifying the text tower's weights (see module docstring).
 
-    Memoised per model on (tensor storage, in-place version counter), so it is computed once
-    until weights change.
+    Each tensor's elements are read as integers (their bit patterns) and summed per row and
+    per column in int64: exact, so the digest does not depend on device or thread count, and
+    any single changed element changes it. Memoised per model on (tensor storage, in-place
+    version counter), so it is computed once until weights change.
     """
     tensors = text_tower_tensors(clip_model)
     signature = tuple((name, t.data_ptr(), t._version, str(t.device)) for name, t in tensors.items())
@@ -63,11 +70,11 @@ def text_tower_fingerprint(clip_model: nn.Module) -> str:
         return memo[1]
     digest = hashlib.sha256()
     for name, t in tensors.items():
-        t = t.detach()
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         if t.numel():
-            mat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
-            for sums in (mat.sum(dim=1, dtype=torch.float64), mat.sum(dim=0, dtype=torch.float64)):
+            bits = t.detach().contiguous().view(INT_VIEWS[t.element_size()])
+            mat = bits.reshape(bits.shape[0], -1) if bits.dim() > 1 else bits.reshape(1, -1)
+            for sums in (mat.sum(dim=1, dtype=torch.int64), mat.sum(dim=0, dtype=torch.int64)):
                 digest.update(sums.cpu().numpy().tobytes())
     _fingerprints[clip_model] = (signature, digest.hexdigest())
     return digest.hexdigest()
