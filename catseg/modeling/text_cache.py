@@ -2,9 +2,9 @@
 
 An entry is keyed by everything its (T, P, C) embeddings depend on:
 - the CLIP text tower's weights (`text_tower_fingerprint`: sha256 of every text-tower tensor's
-  name, shape, dtype and exact integer row and column sums of its bit patterns; computed once
-  per process and model, again when any tensor is replaced or modified in place, e.g. by
-  loading a checkpoint),
+  name, shape, dtype and exact wrap-around integer row and column sums of its bit patterns;
+  computed once per process and model, again when any tensor is replaced or modified in place,
+  e.g. by loading a checkpoint),
 - the tokenizer (class, context length, vocabulary size),
 - the class names and the prompt templates, in order,
 - the encoder's own settings (format version, EOT bounding, synonym merging).
@@ -59,9 +59,11 @@ def text_tower_fingerprint(clip_model: nn.Module) -> str:
     """sha256 hex digest identifying the text tower's weights (see module docstring).
 
     Each tensor's elements are read as integers (their bit patterns) and summed per row and
-    per column in int64: exact, so the digest does not depend on device or thread count, and
-    any single changed element changes it. Memoised per model on (tensor storage, in-place
-    version counter), so it is computed once until weights change.
+    per column with wrap-around (modulo 2^32, 2^64 for 8-byte elements): exact, so the digest
+    does not depend on device or thread count, any single changed element changes it, and it
+    costs two vectorised passes (ViT-B/16 text tower, 63 M parameters: ~0.1 s on 2 CPU cores).
+    Memoised per model on (tensor storage, in-place version counter), so it is computed once
+    until weights change.
     """
     tensors = text_tower_tensors(clip_model)
     signature = tuple((name, t.data_ptr(), t._version, str(t.device)) for name, t in tensors.items())
@@ -74,7 +76,8 @@ def text_tower_fingerprint(clip_model: nn.Module) -> str:
         if t.numel():
             bits = t.detach().contiguous().view(INT_VIEWS[t.element_size()])
             mat = bits.reshape(bits.shape[0], -1) if bits.dim() > 1 else bits.reshape(1, -1)
-            for sums in (mat.sum(dim=1, dtype=torch.int64), mat.sum(dim=0, dtype=torch.int64)):
+            acc = torch.int64 if bits.dtype == torch.int64 else torch.int32
+            for sums in (mat.sum(dim=1, dtype=acc), mat.sum(dim=0, dtype=acc)):
                 digest.update(sums.cpu().numpy().tobytes())
     _fingerprints[clip_model] = (signature, digest.hexdigest())
     return digest.hexdigest()
@@ -83,7 +86,8 @@ def text_tower_fingerprint(clip_model: nn.Module) -> str:
 def tokenizer_identity(tokenizer) -> str:
     """Class, context length and vocabulary size of a tokenizer."""
     vocab = getattr(tokenizer, "vocab_size", None) or len(getattr(tokenizer, "encoder", ()))
-    return f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}|{getattr(tokenizer, 'context_length', '')}|{vocab}"
+    kind = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+    return f"{kind}|{getattr(tokenizer, 'context_length', '')}|{vocab}"
 
 
 def cache_key(clip_model: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
