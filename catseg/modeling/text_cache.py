@@ -28,6 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,19 @@ def text_tower_tensors(clip_model: nn.Module) -> Dict[str, torch.Tensor]:
 INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def wraparound_sums(bits: torch.Tensor):
+    """(rows, ...) integer tensor -> (row sums, column sums) as numpy arrays, modulo 2^32
+    (2^64 for int64). CPU tensors are summed by numpy: single-threaded, so no thread start-up
+    per tensor (that dominates with PyTorch's thread pool on a busy machine)."""
+    mat = bits.reshape(bits.shape[0], -1) if bits.dim() > 1 else bits.reshape(1, -1)
+    if mat.device.type == "cpu":
+        mat = mat.numpy()
+        acc = np.int64 if mat.dtype == np.int64 else np.int32
+        return mat.sum(axis=1, dtype=acc), mat.sum(axis=0, dtype=acc)
+    acc = torch.int64 if mat.dtype == torch.int64 else torch.int32
+    return mat.sum(dim=1, dtype=acc).cpu().numpy(), mat.sum(dim=0, dtype=acc).cpu().numpy()
+
+
 @torch.no_grad()
 def text_tower_fingerprint(clip_model: nn.Module) -> str:
     """sha256 hex digest identifying the text tower's weights (see module docstring).
@@ -74,11 +88,8 @@ def text_tower_fingerprint(clip_model: nn.Module) -> str:
     for name, t in tensors.items():
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         if t.numel():
-            bits = t.detach().contiguous().view(INT_VIEWS[t.element_size()])
-            mat = bits.reshape(bits.shape[0], -1) if bits.dim() > 1 else bits.reshape(1, -1)
-            acc = torch.int64 if bits.dtype == torch.int64 else torch.int32
-            for sums in (mat.sum(dim=1, dtype=acc), mat.sum(dim=0, dtype=acc)):
-                digest.update(sums.cpu().numpy().tobytes())
+            for sums in wraparound_sums(t.detach().contiguous().view(INT_VIEWS[t.element_size()])):
+                digest.update(sums.tobytes())
     _fingerprints[clip_model] = (signature, digest.hexdigest())
     return digest.hexdigest()
 
