@@ -117,7 +117,7 @@ class OpenVocabPredictor:
         classes = clean_vocabulary(vocabulary)
         self.head.set_test_classes(classes)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.no_grad():  # ordinary tensors in the head's in-memory cache (see CATSeg.forward)
             self.head.text_features()
         self.text_seconds = time.perf_counter() - start
         return classes
