@@ -5,11 +5,15 @@ repository root). Tests that need it skip when it is absent, except under CI=tru
 missing folder is a failure.
 """
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Text-embedding cache of the test session: never the user's ~/.cache/catseg.
+os.environ.setdefault("CATSEG_CACHE", tempfile.mkdtemp(prefix="catseg-test-cache-"))
 
 
 def shared_dir() -> Path:
