@@ -9,8 +9,8 @@ Multi-machine: --num-machines, --machine-rank, --dist-url (detectron2's launcher
 MODEL.DEVICE cpu, --num-gpus N starts N CPU processes (gloo).
 """
 import json
-import logging
 import os
+import sys
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
@@ -18,6 +18,7 @@ from detectron2.utils import comm
 
 from catseg import add_catseg_config
 from catseg.checkpoint import CATSegCheckpointer
+from catseg.data.datasets import DatasetNotFoundError
 from catseg.engine import CATSegTrainer, launch, prepare_datasets
 
 
@@ -60,10 +61,13 @@ def main(args):
 
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
-    logging.getLogger(__name__).info("Command line arguments: %s", args)
-    device = load_config(args).MODEL.DEVICE
+    cfg = load_config(args)
+    try:  # fail before spawning processes or building models, with one line
+        prepare_datasets(cfg, list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
+    except DatasetNotFoundError as e:
+        sys.exit(f"error: {e}")
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,), device=device)
+                  dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":

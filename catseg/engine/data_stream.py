@@ -29,7 +29,8 @@ def mix_seed(seed: int, counter: int) -> int:
 
 
 class ResumableTrainingSampler(Sampler):
-    """Infinite stream of (dataset index, global sample position) for this rank.
+    """Infinite stream of (dataset index, sample seed) for this rank; the sample seed is
+    mix_seed(seed, global sample position) and seeds that sample's augmentations.
 
     Positions start at `start_iter * total_batch_size + rank` and step by the world size, as
     detectron2's TrainingSampler shards its stream; within epoch e = p // size the order is
@@ -60,32 +61,31 @@ class ResumableTrainingSampler(Sampler):
         return torch.randperm(self.size, generator=generator)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
+        """(dataset index, sample seed) pairs."""
         epoch, order = -1, None
         for position in itertools.count(self.start_position + self.rank, self.world_size):
             if position // self.size != epoch:
                 epoch = position // self.size
                 order = self.epoch_order(epoch)
-            yield int(order[position % self.size]), position
+            yield int(order[position % self.size]), mix_seed(self.seed, position)
 
 
 class SeededMapDataset(Dataset):
-    """dataset[(index, position)] = mapper(dicts[index]) with RNGs seeded from (seed, position).
+    """dataset[(index, sample_seed)] = mapper(dicts[index]) with RNGs seeded from sample_seed.
 
     The global Python / NumPy / torch RNG states are restored afterwards, so the mapping does
     not disturb the training process's own random streams.
     """
 
-    def __init__(self, dataset_dicts: List[dict], mapper: Callable[[dict], dict], seed: int):
+    def __init__(self, dataset_dicts: List[dict], mapper: Callable[[dict], dict]):
         self.dataset_dicts = dataset_dicts
         self.mapper = mapper
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset_dicts)
 
     def __getitem__(self, key: Tuple[int, int]) -> dict:
-        index, position = key
-        sample_seed = mix_seed(self.seed, position)
+        index, sample_seed = key
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
             random.seed(sample_seed)
@@ -108,7 +108,7 @@ def build_resumable_train_loader(dataset_dicts: List[dict], mapper, *, total_bat
     is exactly positions i * batch ..). Returns (loader, sampler)."""
     sampler = ResumableTrainingSampler(len(dataset_dicts), total_batch_size, seed, shuffle)
     loader = build_detection_train_loader(
-        SeededMapDataset(dataset_dicts, mapper, seed), mapper=None, sampler=sampler,
+        SeededMapDataset(dataset_dicts, mapper), mapper=None, sampler=sampler,
         total_batch_size=total_batch_size, aspect_ratio_grouping=False, num_workers=num_workers)
     return loader, sampler
 

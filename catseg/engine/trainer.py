@@ -99,13 +99,15 @@ class CATSegTrainer(DefaultTrainer):
         """Use `seed` for the sampler, the augmentations and the per-iteration torch seed."""
         self.data_seed = seed
         self.train_sampler.seed = seed
-        self.data_loader.dataset.dataset.seed = seed
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         self.train_sampler.set_start_iter(self.start_iter)
 
     def run_step(self):
+        # Create the loader iterator first: creating it draws from torch's RNG (worker base
+        # seed), which would otherwise shift the model's random stream in the first step only.
+        self._trainer._data_loader_iter
         torch.manual_seed(mix_seed(self.data_seed, self.iter * comm.get_world_size() + comm.get_rank()))
         super().run_step()
 
