@@ -113,13 +113,12 @@ def generate(out: str, seed: int = 0, size: int = 128, counts: Dict[str, int] = 
 
 
 def is_generated(out: str, counts: Dict[str, int] = None) -> bool:
-    """Whether `out` already holds every file of the dataset."""
+    """Whether `out` already holds the class list and every image and label."""
     out = Path(out)
     counts = counts or SPLITS
     return (out / "classes.json").is_file() and all(
-        len(list((out / kind / split).glob("*.png"))) >= n
-        for split, n in counts.items() for kind in ("images", "labels") if (out / kind / split).is_dir()
-    ) and all((out / kind / split).is_dir() for split in counts for kind in ("images", "labels"))
+        (out / kind / split / f"{n - 1:04d}.png").is_file()
+        for split, n in counts.items() for kind in ("images", "labels"))
 
 
 def main(argv=None):
