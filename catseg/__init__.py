@@ -5,5 +5,6 @@ evaluators with detectron2's registries.
 """
 from . import data, modeling  # noqa: F401  (registration side effects)
 from .config import add_catseg_config
+from .predictor import OpenVocabPredictor
 
-__all__ = ["add_catseg_config"]
+__all__ = ["add_catseg_config", "OpenVocabPredictor"]

@@ -101,7 +101,7 @@ def add_catseg_config(cfg):
     head.CLIP_FINETUNE = "attention"  # "attention", "full", "prompt" or "none" (frozen)
     head.PROMPT_DEPTH = 0  # visual prompt tuning: number of blocks that get prompts
     head.PROMPT_LENGTH = 0  # visual prompt tuning: prompt tokens per block
-    head.PROMPT_ENSEMBLE_TYPE = "imagenet"  # text templates: "imagenet" (80), "imagenet_select" (8), "single"
+    head.PROMPT_ENSEMBLE_TYPE = "imagenet"  # text templates: "imagenet" (80), "imagenet_select" (8), "single", "name"
     head.TEXT_CACHE_DIR = ""  # on-disk text-embedding cache ("" : $CATSEG_CACHE or ~/.cache/catseg)
     head.TEXT_CACHE = True  # keep text embeddings on disk under TEXT_CACHE_DIR (catseg/modeling/text_cache.py)
     head.TEXT_GUIDANCE_DIM = 512  # CLIP text embedding size (input of the text guidance projection)
@@ -119,7 +119,7 @@ def add_catseg_config(cfg):
     head.WINDOW_SIZES = 12  # spatial aggregation window side
     head.ATTENTION_TYPE = "linear"  # class aggregation attention: "linear" or "full"
     head.CLASS_CHUNK_SIZE = 0  # classes per chunk in spatial blocks / decoder (0: from MEMORY_BUDGET_MB)
-    head.MEMORY_BUDGET_MB = 2048  # activation budget used to pick the class chunk size at inference
+    head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
 
     # ---------------------------------------------------------------- inference
     cfg.TEST.SLIDING_WINDOW = False  # sliding-window inference (official evaluation protocol)

@@ -26,10 +26,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
+from .checkpoint import CATSegCheckpointer
 from .config import add_catseg_config
 from .image_io import ImageInput, load_image
 from .vocabulary import clean_vocabulary
@@ -97,7 +97,7 @@ class OpenVocabPredictor:
         self.model = build_model(self.cfg).eval()
         weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
         if weights:
-            DetectionCheckpointer(self.model).load(weights)
+            CATSegCheckpointer(self.model, strict=self.cfg.MODEL.CHECKPOINT_STRICT).load(weights)
         self.batch_size = max(1, batch_size)
         self.max_side = self.cfg.TEST.MAX_INPUT_SIDE if max_side is None else max_side
         self.text_seconds: Optional[float] = None  # time of the latest text-embedding stage

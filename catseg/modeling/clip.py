@@ -38,6 +38,9 @@ PROMPT_TEMPLATES = {
         "A photo of a {} in the scene",
     ],
     "single": ["A photo of a {} in the scene"],
+    # The bare class name: no shared template words, so names stay far apart even under a
+    # random text tower (used by the quick-start).
+    "name": ["{}"],
 }
 
 
