@@ -183,11 +183,11 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
-def slopes(results) -> str:
-    """Least-squares seconds-per-image against K, per (model, version)."""
+def slopes(results, key: str = "seconds") -> str:
+    """Least-squares fit of `key` (seconds or cpu_seconds per image) against K, per (model, version)."""
     lines = []
     for key in sorted({(r["model"], r["version"]) for r in results}):
-        pts = [(r["K"], r["seconds"]) for r in results if (r["model"], r["version"]) == key and "seconds" in r]
+        pts = [(r["K"], r[key]) for r in results if (r["model"], r["version"]) == key and "seconds" in r]
         if len(pts) < 2:
             continue
         mk = sum(k for k, _ in pts) / len(pts)
@@ -240,6 +240,7 @@ def main():
             text[model] = run_config(args, str(Path(path).resolve()), model, 1, 1, args.text_classes)
     print(table(results))
     print("\nSeconds per image against K (least squares):\n" + slopes(results))
+    print("\nCPU seconds per image against K (least squares):\n" + slopes(results, "cpu_seconds"))
     for model, r in text.items():
         print(f"\nText encoding ({model}, {repos[-1][0]}): {r.get('text_s_per_class', r.get('error'))} s per class")
     if args.json:

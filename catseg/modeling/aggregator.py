@@ -308,7 +308,7 @@ class Aggregator(nn.Module):
         attention_type: str = "linear",
         prompt_channel: int = 80,
         class_chunk_size: int = 0,
-        memory_budget_mb: float = 2048,
+        memory_budget_mb: float = 1024,
     ):
         super().__init__()
         self.class_chunk_size = class_chunk_size
@@ -348,7 +348,7 @@ class Aggregator(nn.Module):
             return classes, h * w
         budget = self.memory_budget_mb * 2 ** 20
         per_class = self.class_chunk_size or max(1, int(budget // (views * self.slice_bytes(h, w))))
-        per_position = max(1, int(budget // (views * classes * 4 * 10 * self.conv1.out_channels)))
+        per_position = max(1, int(budget // (views * classes * 4 * 16 * self.conv1.out_channels)))
         return min(per_class, classes), min(per_position, h * w)
 
     def embed(self, img_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:

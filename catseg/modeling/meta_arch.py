@@ -92,7 +92,7 @@ class CATSeg(nn.Module):
         sliding_kernel: int,
         sliding_overlap: float,
         sliding_out_res: Tuple[int, int],
-        memory_budget_mb: float = 2048,
+        memory_budget_mb: float = 1024,
         bf16: bool = False,
     ):
         super().__init__()
