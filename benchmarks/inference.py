@@ -186,15 +186,15 @@ def table(results) -> str:
 def slopes(results, key: str = "seconds") -> str:
     """Least-squares fit of `key` (seconds or cpu_seconds per image) against K, per (model, version)."""
     lines = []
-    for key in sorted({(r["model"], r["version"]) for r in results}):
-        pts = [(r["K"], r[key]) for r in results if (r["model"], r["version"]) == key and "seconds" in r]
+    for group in sorted({(r["model"], r["version"]) for r in results}):
+        pts = [(r["K"], r[key]) for r in results if (r["model"], r["version"]) == group and "seconds" in r]
         if len(pts) < 2:
             continue
         mk = sum(k for k, _ in pts) / len(pts)
         ms = sum(s for _, s in pts) / len(pts)
         slope = sum((k - mk) * (s - ms) for k, s in pts) / sum((k - mk) ** 2 for k, _ in pts)
         resid = max(abs(s - (ms + slope * (k - mk))) for k, s in pts)
-        lines.append(f"- {key[0]} {key[1]}: {slope * 1000:.1f} ms per class, intercept {ms - slope * mk:.2f} s, "
+        lines.append(f"- {group[0]} {group[1]}: {slope * 1000:.1f} ms per class, intercept {ms - slope * mk:.2f} s, "
                      f"max residual {resid:.2f} s over K = {[k for k, _ in pts]}")
     return "\n".join(lines)
 
