@@ -122,6 +122,7 @@ def add_catseg_config(cfg):
     head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
 
     # ---------------------------------------------------------------- inference
+    cfg.TEST.POOLING_SIZES = []  # class-aggregation pooling at inference ([]: MODEL.SEM_SEG_HEAD.POOLING_SIZES)
     cfg.TEST.SLIDING_WINDOW = False  # sliding-window inference (official evaluation protocol)
     cfg.TEST.SLIDING_KERNEL = 384  # sliding window crop side
     cfg.TEST.SLIDING_OVERLAP = 0.333  # overlap between crops (stride = int(kernel * (1 - overlap)))

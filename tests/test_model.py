@@ -172,3 +172,19 @@ def test_text_features_cached_per_class_list_and_cleared_on_load():
     assert predictor.text_features(["cat", "dog"]) is first
     predictor.load_state_dict(predictor.state_dict())
     assert predictor.text_features(["cat", "dog"]) is not first
+
+
+def test_protocol_config_pools_only_at_inference():
+    """configs/ade150.yaml: the training recipe's [2, 2] pooling, none at inference."""
+    from helpers import make_cfg
+    cfg = make_cfg("ade150.yaml")
+    assert list(cfg.MODEL.SEM_SEG_HEAD.POOLING_SIZES) == [2, 2] and list(cfg.TEST.POOLING_SIZES) == [1, 1]
+    model = make_model(opts=["TEST.POOLING_SIZES", "[1, 1]"])
+    layer = model.sem_seg_head.predictor.transformer.layers[0].attention
+    assert tuple(layer.pool.kernel_size) == (2, 2) and tuple(layer.test_pool.kernel_size) == (1, 1)
+    model.sem_seg_head.predictor.set_test_classes(["cat", "dog"])
+    reference = make_model(opts=["MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1, 1]"]).eval()
+    reference.sem_seg_head.predictor.set_test_classes(["cat", "dog"])
+    image = [{"image": torch.randint(0, 255, (3, 64, 64), generator=torch.Generator().manual_seed(2)).float()}]
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(image)[0]["sem_seg"], reference(image)[0]["sem_seg"], atol=1e-6)

@@ -186,9 +186,11 @@ class ClassTransformerLayer(nn.Module):
     """Class aggregation: attention across the T classes at each (pooled) position."""
 
     def __init__(self, hidden_dim: int, guidance_dim: int, nheads: int, attention_type: str,
-                 pooling_size: Sequence[int]):
+                 pooling_size: Sequence[int], test_pooling_size: Sequence[int] = ()):
         super().__init__()
         self.pool = nn.AvgPool2d(tuple(pooling_size))
+        # inference may pool differently (official evaluation protocol: no pooling)
+        self.test_pool = nn.AvgPool2d(tuple(test_pooling_size or pooling_size))
         self.attention = AttentionLayer(hidden_dim, guidance_dim, nheads=nheads, attention_type=attention_type)
         self.MLP = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), nn.ReLU(), nn.Linear(4 * hidden_dim, hidden_dim))
         self.norm1 = nn.LayerNorm(hidden_dim)
@@ -207,11 +209,12 @@ class ClassTransformerLayer(nn.Module):
         """
         b, t, h, w, c = x.shape
         in_place = not torch.is_grad_enabled()
-        if tuple(self.pool.kernel_size) == (1, 1):  # pooling and resizing back are identities
+        pool = self.pool if self.training else self.test_pool
+        if tuple(pool.kernel_size) == (1, 1):  # pooling and resizing back are identities
             flat = x.view(b, t, h * w, c)
             step = lambda s: flat[:, :, s] + self.transform(flat[:, :, s], guidance)  # noqa: E731
             return over_chunks(step, h * w, chunk or h * w, dim=2, out=flat if in_place else None).view_as(x)
-        pooled = self.pool(x.view(b * t, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        pooled = pool(x.view(b * t, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         ph, pw = pooled.shape[1:3]
         pooled = pooled.reshape(b, t, ph * pw, c)
         pooled = over_chunks(lambda s: self.transform(pooled[:, :, s], guidance), ph * pw, chunk or ph * pw, dim=2)
@@ -225,11 +228,13 @@ class AggregatorLayer(nn.Module):
     """One spatial aggregation followed by one class aggregation."""
 
     def __init__(self, hidden_dim: int, text_guidance_dim: int, appearance_guidance_dim: int, nheads: int,
-                 resolution: Tuple[int, int], pooling_size: Sequence[int], window_size: int, attention_type: str):
+                 resolution: Tuple[int, int], pooling_size: Sequence[int], window_size: int, attention_type: str,
+                 test_pooling_size: Sequence[int] = ()):
         super().__init__()
         self.swin_block = SwinTransformerBlockWrapper(hidden_dim, appearance_guidance_dim, resolution, nheads,
                                                       window_size)
-        self.attention = ClassTransformerLayer(hidden_dim, text_guidance_dim, nheads, attention_type, pooling_size)
+        self.attention = ClassTransformerLayer(hidden_dim, text_guidance_dim, nheads, attention_type, pooling_size,
+                                               test_pooling_size)
 
 
 class DoubleConv(nn.Module):
@@ -303,6 +308,7 @@ class Aggregator(nn.Module):
         nheads: int = 4,
         hidden_dim: int = 128,
         pooling_size: Sequence[int] = (2, 2),
+        test_pooling_size: Sequence[int] = (),
         feature_resolution: Sequence[int] = (24, 24),
         window_size: int = 12,
         attention_type: str = "linear",
@@ -315,7 +321,7 @@ class Aggregator(nn.Module):
         self.memory_budget_mb = memory_budget_mb
         self.layers = nn.ModuleList([
             AggregatorLayer(hidden_dim, text_guidance_proj_dim, appearance_guidance_proj_dim, nheads,
-                            tuple(feature_resolution), pooling_size, window_size, attention_type)
+                            tuple(feature_resolution), pooling_size, window_size, attention_type, test_pooling_size)
             for _ in range(num_layers)
         ])
         self.conv1 = nn.Conv2d(prompt_channel, hidden_dim, kernel_size=7, stride=1, padding=3)

@@ -123,6 +123,7 @@ class CATSegHead(nn.Module):
             nheads=head.NUM_HEADS,
             hidden_dim=head.HIDDEN_DIMS,
             pooling_size=head.POOLING_SIZES,
+            test_pooling_size=cfg.TEST.POOLING_SIZES,
             feature_resolution=head.FEATURE_RESOLUTION,
             window_size=head.WINDOW_SIZES,
             attention_type=head.ATTENTION_TYPE,
