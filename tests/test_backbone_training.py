@@ -1,4 +1,5 @@
 """CATSeg with each alternative guidance backbone (tiny variants) trains on the quick-start data
+(24 iterations: last-4 / first-4 mean loss measured 0.72-0.81, asserted < 0.9)
 on CPU (the loss falls over a short run) and `--eval-only` evaluation produces metrics."""
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_trains_and_evaluates(name, data, tmp_path):
-    cfg = backbone_cfg(name, data, tmp_path, SOLVER__MAX_ITER=16, SOLVER__IMS_PER_BATCH=2,
+    cfg = backbone_cfg(name, data, tmp_path, SOLVER__MAX_ITER=24, SOLVER__IMS_PER_BATCH=2,
                        SOLVER__CHECKPOINT_PERIOD=1000)
     torch.manual_seed(0)
     trainer = CATSegTrainer(cfg)
