@@ -31,7 +31,7 @@ def test_generator_is_deterministic_and_registers(tmp_path):
 
 def test_shortened_quickstart_learns(tmp_path):
     data = mini_quickstart(tmp_path / "qs", train=32, val=8, size=64)
-    cfg = quickstart_cfg(data, tmp_path / "out", SOLVER__MAX_ITER=60, SOLVER__CHECKPOINT_PERIOD=1000)
+    cfg = quickstart_cfg(data, tmp_path / "out", SOLVER__MAX_ITER=100, SOLVER__CHECKPOINT_PERIOD=1000)
     torch.manual_seed(0)
     trainer = CATSegTrainer(cfg)
     untrained = trainer.test(cfg, trainer.model)["sem_seg"]["mIoU"]
@@ -39,7 +39,8 @@ def test_shortened_quickstart_learns(tmp_path):
     trainer.train()
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]
     trained = trainer.test(cfg, trainer.model)["sem_seg"]["mIoU"]
-    # Measured once (2-core CPU): loss 0.53 -> 0.40 (first / last 10 iterations), mIoU 5.4 -> 10.8.
-    # Bars below are set under those numbers; the full quick-start recipe still needs tuning.
-    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])
-    assert trained > 1.5 * untrained and trained > untrained + 4, (untrained, trained)
+    # Measured (2-core CPU, 23 s): loss 0.53 -> 0.16 (first / last 10 iterations), val mIoU
+    # 7.2 -> 44.8. Predicting "background" everywhere scores about 12 mIoU; the bars sit below
+    # the measured run and well above both.
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert trained > 30 and trained > untrained + 25, (untrained, trained)
