@@ -8,7 +8,7 @@ Notation: B images, T classes, P prompt templates, C embedding channels, h x w p
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import open_clip
 import torch

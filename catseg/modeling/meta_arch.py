@@ -140,7 +140,7 @@ class CATSeg(nn.Module):
         return self.pixel_mean.device
 
     def logits(self, views: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) raw RGB views (0-255, zero padding already normalised away) -> (N, T, h, w).
+        """(N, 3, H, W) raw RGB views (0-255, unpadded sliding-window crops) -> (N, T, h, w) logits.
 
         Each view is normalised twice (backbone and CLIP statistics) and resized to the
         backbone and CLIP input resolutions.
