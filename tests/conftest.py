@@ -35,3 +35,22 @@ def shared():
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT
+
+
+@pytest.fixture
+def builtin_root():
+    """Call with a folder to register the builtin benchmarks under it; restored afterwards."""
+    from catseg.data.datasets import register_builtin_datasets
+    yield lambda root: register_builtin_datasets(str(root))
+    register_builtin_datasets()
+
+
+@pytest.fixture
+def registered_datasets():
+    """Call with a dataset name registered by the test; it is unregistered afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    names = []
+    yield names.append
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

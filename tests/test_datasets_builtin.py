@@ -22,12 +22,6 @@ TABLE = {  # name: (label folder, ignore, number of dataset classes, prepare scr
 }
 
 
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
-
-
 def test_official_names_and_metadata(tmp_path, builtin_root):
     builtin_root(tmp_path)
     assert set(BENCHMARKS) == set(TABLE)

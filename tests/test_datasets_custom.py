@@ -32,21 +32,12 @@ def add_pair(root, stem, label, image_shape=None, image_ext=".jpg"):
     Image.fromarray(label).save(root / "labels" / f"{stem}.png")
 
 
-@pytest.fixture
-def names():
-    registered = []
-    yield registered.append
-    for name in registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
 def register(folder, name, **kw):
     register_custom_dataset(name, folder / "images", folder / "labels", folder / "classes.json", **kw)
 
 
-def test_register_and_load(folder, names):
-    names("mine")
+def test_register_and_load(folder, registered_datasets):
+    registered_datasets("mine")
     register(folder, "mine")
     records = DatasetCatalog.get("mine")
     assert [r["sem_seg_file_name"] for r in records] == [str(folder / "labels" / f"{s}.png") for s in "ab"]
@@ -60,13 +51,13 @@ def test_register_and_load(folder, names):
     assert MetadataCatalog.get("mine").ignore_label == 0
 
 
-def test_register_from_config(folder, names):
+def test_register_from_config(folder, registered_datasets):
     cfg = get_cfg()
     add_catseg_config(cfg)
     cfg.DATASETS.CUSTOM = [f"cfg_a:{folder}/images:{folder}/labels:{folder}/classes.json",
                            f"cfg_b:{folder}/images:{folder}/labels:{folder}/classes.json:7"]
-    names("cfg_a")
-    names("cfg_b")
+    registered_datasets("cfg_a")
+    registered_datasets("cfg_b")
     assert register_from_config(cfg) == ["cfg_a", "cfg_b"]
     assert len(DatasetCatalog.get("cfg_a")) == 2
     assert MetadataCatalog.get("cfg_a").ignore_label == 255
@@ -81,9 +72,9 @@ def test_bad_config_entry():
         parse_custom_spec("n:i:l:c.json:x")
 
 
-def test_image_without_label_is_skipped_with_warning(folder, names, caplog):
+def test_image_without_label_is_skipped_with_warning(folder, registered_datasets, caplog):
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(folder / "images" / "lonely.jpg")
-    names("unlabeled")
+    registered_datasets("unlabeled")
     register(folder, "unlabeled")
     with caplog.at_level(logging.WARNING):
         records = DatasetCatalog.get("unlabeled")
@@ -91,18 +82,18 @@ def test_image_without_label_is_skipped_with_warning(folder, names, caplog):
     assert f"1 image(s) in {folder / 'images'} have no label in {folder / 'labels'}, skipped: lonely.jpg" in caplog.text
 
 
-def test_label_without_image_is_skipped_with_warning(folder, names, caplog):
+def test_label_without_image_is_skipped_with_warning(folder, registered_datasets, caplog):
     Image.fromarray(np.zeros((4, 6), np.uint8)).save(folder / "labels" / "orphan.png")
-    names("orphan")
+    registered_datasets("orphan")
     register(folder, "orphan")
     with caplog.at_level(logging.WARNING):
         assert len(DatasetCatalog.get("orphan")) == 2
     assert f"1 label(s) in {folder / 'labels'} have no image in {folder / 'images'}, skipped: orphan.png" in caplog.text
 
 
-def test_size_mismatch_is_skipped_with_warning(folder, names, caplog):
+def test_size_mismatch_is_skipped_with_warning(folder, registered_datasets, caplog):
     add_pair(folder, "c", np.zeros((4, 6), np.uint8), image_shape=(5, 6), image_ext=".png")
-    names("sizes")
+    registered_datasets("sizes")
     register(folder, "sizes")
     with caplog.at_level(logging.WARNING):
         records = DatasetCatalog.get("sizes")
@@ -111,10 +102,10 @@ def test_size_mismatch_is_skipped_with_warning(folder, names, caplog):
             "is 5x6; skipped") in caplog.text
 
 
-def test_ids_outside_class_list_are_fatal(folder, names):
+def test_ids_outside_class_list_are_fatal(folder, registered_datasets):
     label = np.array([[0, 1, 255], [3, 7, 2]], np.uint8)  # 3 and 7 are not among 3 classes; 255 is ignore
     add_pair(folder, "c", label)
-    names("ids")
+    registered_datasets("ids")
     register(folder, "ids")
     with pytest.raises(DatasetError) as err:
         DatasetCatalog.get("ids")
@@ -122,25 +113,25 @@ def test_ids_outside_class_list_are_fatal(folder, names):
     assert "label ids outside the 3 classes" in msg and "(valid 0..2, ignore 255)" in msg
     assert f"{folder / 'labels' / 'c.png'} has [3, 7]" in msg
     # with another ignore value, 255 is out of range too
-    names("ids0")
+    registered_datasets("ids0")
     register(folder, "ids0", ignore_label=3)
     with pytest.raises(DatasetError, match=r"c.png has \[7, 255\]"):
         DatasetCatalog.get("ids0")
 
 
-def test_nothing_usable_is_fatal(tmp_path, names):
+def test_nothing_usable_is_fatal(tmp_path, registered_datasets):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
     (tmp_path / "classes.json").write_text('["x"]')
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "images" / "a.jpg")
-    names("empty")
+    registered_datasets("empty")
     register(tmp_path, "empty")
     with pytest.raises(DatasetError, match="no usable image/label pair"):
         DatasetCatalog.get("empty")
 
 
-def test_missing_folder_and_class_list(folder, names):
-    names("gone")
+def test_missing_folder_and_class_list(folder, registered_datasets):
+    registered_datasets("gone")
     register_custom_dataset("gone", folder / "nope", folder / "labels", folder / "classes.json")
     with pytest.raises(DatasetNotFoundError, match=f"{folder / 'nope'} not found"):
         check_dataset_exists("gone")

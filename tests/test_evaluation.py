@@ -7,7 +7,7 @@ from PIL import Image
 
 from catseg.data.datasets import register_custom_dataset
 from catseg.evaluation import BackgroundSemSegEvaluator, build_evaluator
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
 
 
@@ -39,22 +39,13 @@ def evaluate(name, inputs, preds, num_channels):
     return evaluator, evaluator.evaluate()["sem_seg"]
 
 
-@pytest.fixture
-def cleanup():
-    names = []
-    yield names.append
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
-def test_sem_seg_metrics_hand_computed(tmp_path, cleanup):
+def test_sem_seg_metrics_hand_computed(tmp_path, registered_datasets):
     classes = tmp_path / "classes.json"
     classes.write_text('["a", "b", "c"]')
     # (gt, pred) pixels: (0,0) (0,1) (1,1) | (1,1) (2,0) (ignored,2)
     gts = [np.array([[0, 0, 1]], np.uint8), np.array([[1, 2, 255]], np.uint8)]
     preds = [np.array([[0, 1, 1]]), np.array([[1, 0, 2]])]
-    cleanup("eval_png")
+    registered_datasets("eval_png")
     inputs = make_dataset(tmp_path, "eval_png", gts, str(classes), 255)
     evaluator, res = evaluate("eval_png", inputs, preds, 3)
     assert type(evaluator) is SemSegEvaluator
@@ -73,10 +64,10 @@ def test_sem_seg_metrics_hand_computed(tmp_path, cleanup):
     np.testing.assert_array_equal(evaluator._conf_matrix, expected)
 
 
-def test_16bit_tiff_with_ignore_65535(tmp_path, cleanup):
+def test_16bit_tiff_with_ignore_65535(tmp_path, registered_datasets):
     gt = np.array([[300, 300, 846], [65535, 0, 846]], np.uint16)
     pred = np.array([[300, 0, 846], [5, 0, 300]])
-    cleanup("eval_tif")
+    registered_datasets("eval_tif")
     inputs = make_dataset(tmp_path, "eval_tif", [gt], "ade847", 65535, ext=".tif")
     _, res = evaluate("eval_tif", inputs, [pred], 847)
     # class 300: tp 1, gt 2, pred 2 -> 1/3; class 0: tp 1, gt 1, pred 2 -> 1/2;
@@ -85,22 +76,22 @@ def test_16bit_tiff_with_ignore_65535(tmp_path, cleanup):
     assert res["pACC"] == pytest.approx(60.0)
 
 
-def test_ignore_459(tmp_path, cleanup):
+def test_ignore_459(tmp_path, registered_datasets):
     gt = np.array([[458, 459], [1, 458]], np.uint16)
     pred = np.array([[458, 0], [1, 1]])
-    cleanup("eval_459")
+    registered_datasets("eval_459")
     inputs = make_dataset(tmp_path, "eval_459", [gt], "pc459", 459, ext=".tif")
     _, res = evaluate("eval_459", inputs, [pred], 459)
     assert res["mIoU"] == pytest.approx(50.0)  # 458: 1/2, 1: 1/2
     assert res["pACC"] == pytest.approx(200 / 3)
 
 
-def test_voc20b_predictions_beyond_20_are_background(tmp_path, cleanup):
+def test_voc20b_predictions_beyond_20_are_background(tmp_path, registered_datasets):
     voc20 = tmp_path / "voc20b_dataset.json"
     voc20.write_text('["c%d", ' % 0 + ", ".join(f'"c{i}"' for i in range(1, 20)) + ', "background"]')
     gt = np.array([[0, 20, 20, 255], [5, 20, 20, 5]], np.uint8)
     pred = np.array([[0, 25, 20, 30], [5, 3, 40, 19]])  # argmax over 59 prompts
-    cleanup("eval_voc20b")
+    registered_datasets("eval_voc20b")
     inputs = make_dataset(tmp_path, "eval_voc20b", [gt], str(voc20), 255,
                           evaluator_type="sem_seg_background")
     evaluator, res = evaluate("eval_voc20b", inputs, [pred], 59)

@@ -5,12 +5,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import register_builtin_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_ade150  # noqa: E402
@@ -35,12 +33,6 @@ def write_raw(root: Path):
         Image.fromarray(raw).save(base / "annotations" / "validation" / f"{stem}.png")
         raws[stem] = raw
     return raws
-
-
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
 
 
 def test_ade150_pixels_and_loading(tmp_path, builtin_root):

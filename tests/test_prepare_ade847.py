@@ -6,12 +6,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import register_builtin_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_ade847  # noqa: E402
@@ -22,12 +20,6 @@ import prepare_ade847  # noqa: E402
 # 120,128 -> 3200 (beyond every listed id).
 RULE = {(113, 162): 0, (19, 56): 1, (10, 52): 100, (125, 76): 846,
         (7, 0): 65535, (3, 5): 65535, (120, 128): 65535}
-
-
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
 
 
 def make_seg(h, w, rng):

@@ -3,12 +3,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import register_builtin_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_coco_stuff  # noqa: E402
@@ -16,12 +14,6 @@ import prepare_coco_stuff  # noqa: E402
 # raw COCO-Stuff id -> expected train id. 11, 25 and 182 are not COCO-Stuff-171 classes
 # (unused thing ids / beyond the last stuff id), 255 is unlabeled.
 RULE = {0: 0, 10: 10, 11: 255, 12: 11, 24: 23, 25: 255, 26: 24, 181: 170, 182: 255, 255: 255}
-
-
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
 
 
 def test_coco_stuff_pixels_and_loading(tmp_path, builtin_root):

@@ -3,24 +3,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from scipy.io import savemat
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import register_builtin_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_pc459  # noqa: E402
 
 RULE = {1: 0, 2: 1, 100: 99, 459: 458, 0: 459}  # LabelMap value -> train id (0 unlabeled -> ignore 459)
-
-
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
 
 
 def test_pc459_pixels_and_loading(tmp_path, builtin_root):

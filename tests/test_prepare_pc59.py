@@ -4,25 +4,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import register_builtin_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_pc59  # noqa: E402
 
 # raw PASCAL-Context id -> expected PC-59 train id (sorted 59-class raw list: 0, 2, 9, 18, ..., 458)
 RULE = {0: 255, 2: 0, 9: 1, 18: 2, 454: 57, 458: 58, 1: 255, 3: 255, 459: 255}
-
-
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
 
 
 def rle(mask):

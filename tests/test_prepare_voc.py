@@ -3,24 +3,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import register_builtin_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 import prepare_voc  # noqa: E402
 
 RULE_20 = {0: 255, 1: 0, 15: 14, 20: 19, 21: 255, 255: 255}  # raw -> VOC-20 train id
 RULE_20B = {0: 20, 1: 0, 15: 14, 20: 19, 21: 255, 255: 255}  # raw -> VOC-20b train id
-
-
-@pytest.fixture
-def builtin_root():
-    yield lambda root: register_builtin_datasets(str(root))
-    register_builtin_datasets()
 
 
 def test_voc_pixels_dropping_and_loading(tmp_path, builtin_root):
