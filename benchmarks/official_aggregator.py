@@ -1,0 +1,235 @@
+"""Official CAT-Seg v1 aggregator against ours: same weights, same inputs, output difference, time, peak RSS.
+
+The official code is NOT part of this repository and is never copied into it. Get it yourself
+and pass its root (the directory that contains `cat_seg/`):
+
+    git clone https://github.com/cvlab-kaist/CAT-Seg /tmp/CAT-Seg
+    python benchmarks/official_aggregator.py --official /tmp/CAT-Seg --models B L --classes 150
+
+Only `cat_seg/modeling/transformer/model.py` is imported from it (it needs torch, einops and
+timm); the v1 `Aggregator` is the one without `pad_len` (later official versions pad or truncate
+the classes to 256 in the class aggregation, which changes the result).
+
+Protocol, per model (configs/vitb_r101_384.yaml = B, configs/vitl_swinb_384.yaml = L):
+- a setup process builds our model as benchmarks/inference.py does (random weights, evaluation
+  protocol: POOLING_SIZES [1, 1]) and saves its aggregator (`sem_seg_head.predictor.transformer`),
+  the official constructor arguments read from it, and seeded random inputs for `--views` views:
+  dense CLIP features (V, C, H, W), unit-norm text features (T, P, C) and backbone guidance
+  deepest first (V, G0, H, W), (V, G1, 2H, 2W), (V, G2, 4H, 4W);
+- every (model, K, implementation) then runs in its own process (own ru_maxrss): the official
+  `Aggregator` is built from those arguments and loaded with our state_dict (strict: the keys are
+  identical by design); each side gets the text features the way its own predictor builds them
+  (official: `repeat` over views, ours: `expand`), both normalise image and text inside;
+- both processes import the same modules and load the same setup file, so their baselines match;
+- the parent compares the two (V, T, 4H, 4W) logits (max abs difference) and prints a table.
+
+Seconds: median of `--repeats` timed forwards under `torch.inference_mode()` (one untimed
+warm-up when repeats > 1), `--threads` threads.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import MODELS, build  # noqa: E402  (sibling benchmark script)
+
+IMPLEMENTATIONS = ("official", "ours")
+OFFICIAL_MODULE = "cat_seg.modeling.transformer.model"
+
+
+def gib() -> float:
+    """Peak resident set size of this process so far, GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def official_kwargs(agg) -> dict:
+    """Constructor arguments of the official v1 `Aggregator` equal to our built `agg` (evaluation pooling)."""
+    from catseg.modeling.attention import ATTENTION_FUNCTIONS
+
+    hidden = agg.conv1.out_channels
+    layer = agg.layers[0]
+    block = layer.swin_block.block_1
+    attend = layer.attention.attention.attend
+    ups = (agg.decoder1, agg.decoder2)
+    decoder_guidance = agg.decoder_guidance_projection
+    return {
+        "text_guidance_dim": agg.text_guidance_projection[0].in_features if agg.text_guidance_projection else 0,
+        "text_guidance_proj_dim": layer.attention.attention.q.in_features - hidden,
+        "appearance_guidance_dim": agg.guidance_projection[0].in_channels if agg.guidance_projection else 0,
+        "appearance_guidance_proj_dim": block.attn.q.in_features - hidden,
+        "decoder_dims": [up.conv.double_conv[0].out_channels for up in ups],
+        "decoder_guidance_dims": [p[0].in_channels for p in decoder_guidance] if decoder_guidance else [0, 0],
+        "decoder_guidance_proj_dims": [up.conv.double_conv[0].in_channels - up.up.out_channels for up in ups],
+        "num_layers": len(agg.layers),
+        "nheads": block.attn.num_heads,
+        "hidden_dim": hidden,
+        "pooling_size": tuple(layer.attention.test_pool.kernel_size),  # the pooling ours uses in eval mode
+        "feature_resolution": tuple(block.resolution),
+        "window_size": block.window_size,
+        "attention_type": next(name for name, fn in ATTENTION_FUNCTIONS.items() if fn is attend),
+        "prompt_channel": agg.conv1.in_channels,
+    }
+
+
+def setup(args) -> dict:
+    """Builds our model, saves its aggregator, the official arguments and the inputs to `args.setup`."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build(Path(args.repo).resolve(), args.model, "cpu", args.opts)
+    agg = model.sem_seg_head.predictor.transformer
+    h, w = agg.layers[0].swin_block.block_1.resolution
+    width = model.sem_seg_head.predictor.clip_model.text_projection.shape[-1]
+    g = torch.Generator().manual_seed(0)
+    guidance_dims = [agg.guidance_projection[0].in_channels] + [p[0].in_channels for p in agg.decoder_guidance_projection]
+    inputs = {
+        "img_feats": torch.randn(args.views, width, h, w, generator=g),
+        "text": torch.nn.functional.normalize(
+            torch.randn(max(args.classes), agg.conv1.in_channels, width, generator=g), dim=-1),
+        "guidance": [torch.randn(args.views, d, h * 2**i, w * 2**i, generator=g) for i, d in enumerate(guidance_dims)],
+    }
+    kwargs = official_kwargs(agg)
+    torch.save({"aggregator": agg, "official_kwargs": kwargs, "inputs": inputs}, args.setup)
+    return {"official_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+
+
+def worker(args) -> dict:
+    """One (model, K, implementation): forward time, peak RSS; writes the logits to `args.output`."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(args.repo).resolve()))
+    sys.path.insert(0, str(Path(args.official).resolve()))
+    import importlib
+
+    import catseg  # noqa: F401  (both sides import the same modules: equal RSS baselines)
+    official = importlib.import_module(OFFICIAL_MODULE)
+
+    saved = torch.load(args.setup, weights_only=False)
+    ours, inputs = saved["aggregator"], saved["inputs"]
+    text = inputs["text"][: args.classes]
+    views = inputs["img_feats"].shape[0]
+    if args.impl == "official":
+        agg = official.Aggregator(**saved["official_kwargs"])
+        agg.load_state_dict(ours.state_dict(), strict=True)
+        del ours
+        text = text.repeat(views, 1, 1, 1)  # as the official predictor does
+    else:
+        agg = ours
+        text = text.unsqueeze(0).expand(views, -1, -1, -1)  # as our predictor does
+    agg.eval()
+    before = gib()
+    warmup = 1 if args.repeats > 1 else 0
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + args.repeats):
+            start = time.perf_counter()
+            out = agg(inputs["img_feats"], text, inputs["guidance"])
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    peak = gib()
+    torch.save(out, args.output)
+    return {"seconds": statistics.median(times), "all_seconds": times, "peak_gib": peak, "before_gib": before,
+            "shape": list(out.shape), "module": official.__file__ if args.impl == "official" else type(agg).__module__}
+
+
+def run(args, extra, limit_gib: float = 0) -> dict:
+    """This script in a fresh interpreter with `extra` arguments; its last JSON line, or an error."""
+    cmd = [sys.executable, __file__, "--repo", args.repo, "--official", args.official, "--threads", str(args.threads),
+           "--views", str(args.views), "--repeats", str(args.repeats), *extra, "--opts", *args.opts]
+
+    def cap():  # keeps an out-of-memory configuration from starving the machine
+        if limit_gib:
+            resource.setrlimit(resource.RLIMIT_AS, (int(limit_gib * 2**30),) * 2)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap, cwd=args.repo,
+                          env={**os.environ, "PYTHONPATH": args.repo})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": "out of memory" if "alloc" in tail.lower() or "memory" in tail.lower() else tail[-160:]}
+    return json.loads(lines[-1])
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    import torch
+
+    return (torch.load(a) - torch.load(b)).abs().max().item()
+
+
+def table(rows) -> str:
+    lines = ["| model | K | implementation | seconds | peak GiB | before forward GiB | max abs diff |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['K']} | {r['impl']} | {r['error']} | | | |")
+            continue
+        diff = f"{r['diff']:.2e}" if "diff" in r else "-"
+        lines.append(f"| {r['model']} | {r['K']} | {r['impl']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | "
+                     f"{r['before_gib']:.2f} | {diff} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--official", required=True, help="root of an official CAT-Seg checkout (contains cat_seg/)")
+    p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="our repository (default: this one)")
+    p.add_argument("--models", nargs="+", default=["B", "L"], choices=sorted(MODELS))
+    p.add_argument("--classes", nargs="+", type=int, default=[150])
+    p.add_argument("--views", type=int, default=5, help="batch of views (sliding window: 4 crops + 1 global view)")
+    p.add_argument("--repeats", type=int, default=1, help="timed forwards (median reported; warm-up when > 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-limit-gib", type=float, default=14.0, help="address-space cap per configuration (0: none)")
+    p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--opts", nargs="*", default=[], help="extra config overrides of our model KEY VALUE ...")
+    p.add_argument("--worker", choices=("setup",) + IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--setup", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.repo = str(Path(args.repo).resolve())
+    args.official = str(Path(args.official).resolve())
+    if args.worker:
+        args.impl = args.worker
+        if args.worker != "setup":
+            args.classes = args.classes[0]
+        print(json.dumps(setup(args) if args.worker == "setup" else worker(args)))
+        return
+    if not (Path(args.official) / OFFICIAL_MODULE.replace(".", "/")).with_suffix(".py").is_file():
+        p.error(f"{args.official} has no {OFFICIAL_MODULE.replace('.', '/')}.py: clone "
+                "https://github.com/cvlab-kaist/CAT-Seg and pass its root")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            setup_file = str(Path(tmp) / f"setup-{model}.pt")
+            classes = [str(k) for k in args.classes]
+            prepared = run(args, ["--worker", "setup", "--model", model, "--setup", setup_file, "--classes", *classes])
+            if "error" in prepared:
+                rows += [{"model": model, "K": k, "impl": "setup", **prepared} for k in args.classes]
+                continue
+            print(json.dumps({"model": model, **prepared}), flush=True)
+            for k in args.classes:
+                outputs = {impl: Path(tmp) / f"out-{model}-{k}-{impl}.pt" for impl in IMPLEMENTATIONS}
+                for impl in IMPLEMENTATIONS:
+                    r = {"model": model, "K": k, "impl": impl,
+                         **run(args, ["--worker", impl, "--model", model, "--classes", str(k), "--setup", setup_file,
+                                      "--output", str(outputs[impl])], args.memory_limit_gib)}
+                    if impl == "ours" and all(o.is_file() for o in outputs.values()):
+                        r["diff"] = max_abs_diff(*outputs.values())
+                    print(json.dumps(r), flush=True)
+                    rows.append(r)
+                for o in outputs.values():
+                    o.unlink(missing_ok=True)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
