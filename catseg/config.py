@@ -120,6 +120,7 @@ def add_catseg_config(cfg):
     head.ATTENTION_TYPE = "linear"  # class aggregation attention: "linear" or "full"
     head.CLASS_CHUNK_SIZE = 0  # classes per chunk in spatial blocks / decoder (0: from MEMORY_BUDGET_MB)
     head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
+    head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB: cache- and allocator-friendly, faster (0: off)
 
     # ---------------------------------------------------------------- inference
     cfg.TEST.POOLING_SIZES = []  # class-aggregation pooling at inference ([]: MODEL.SEM_SEG_HEAD.POOLING_SIZES)

@@ -25,9 +25,10 @@ def predict(model, image, sliding=False):
     return model([{"image": image, "height": 60, "width": 80}])[0]["sem_seg"]
 
 
-def configure(model, class_chunk, budget_mb):
+def configure(model, class_chunk, budget_mb, cpu_chunk_mb=0):
     agg = model.sem_seg_head.predictor.transformer
     agg.class_chunk_size, agg.memory_budget_mb, model.memory_budget_mb = class_chunk, budget_mb, budget_mb
+    agg.cpu_chunk_mb = model.cpu_chunk_mb = cpu_chunk_mb
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,17 @@ def test_budget_bounds_chunk_size(model):
     configure(model, 3, 64)
     with torch.no_grad():
         assert agg.chunk_sizes(5, 847, 24, 24)[0] == 3
+
+
+def test_cpu_cap_shrinks_chunks_on_cpu_only(model, image, unchunked):
+    """CPU_CHUNK_MB caps the budget on CPU (smaller chunks, same result); other devices keep it."""
+    configure(model, 0, 1e6, cpu_chunk_mb=0.5)
+    agg = model.sem_seg_head.predictor.transformer
+    with torch.no_grad():
+        assert agg.chunk_sizes(5, 7, 24, 24, torch.device("cpu")) == (1, 7)
+        assert agg.chunk_sizes(5, 7, 24, 24, torch.device("meta")) == (7, 576)
+    assert (predict(model, image) - unchunked[0]).abs().max().item() <= TOL
+    assert (predict(model, image, sliding=True) - unchunked[1]).abs().max().item() <= TOL
 
 
 def test_autograd_path_matches_inference_path(model, image):

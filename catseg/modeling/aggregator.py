@@ -30,13 +30,6 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, window * window, c)
 
 
-def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """(B, nW, window * window, C) -> (B, H, W, C); inverse of `window_partition`."""
-    b, c = windows.shape[0], windows.shape[-1]
-    x = windows.view(b, h // window, w // window, window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
 def shifted_window_mask(resolution: Tuple[int, int], window: int, shift: int) -> torch.Tensor:
     """Additive attention mask of the shifted windows: (nW, window^2, window^2), 0 or -100.
 
@@ -56,6 +49,15 @@ def shifted_window_mask(resolution: Tuple[int, int], window: int, shift: int) ->
 def chunk_slices(total: int, size: int) -> List[slice]:
     """Consecutive slices of at most `size` covering range(total)."""
     return [slice(i, min(i + size, total)) for i in range(0, total, max(1, size))]
+
+
+def chunk_budget_mb(budget_mb: float, cpu_chunk_mb: float, device: torch.device) -> float:
+    """MB of activations one chunk may use: `budget_mb`, capped on CPU by `cpu_chunk_mb` (> 0).
+
+    On CPU small chunks are faster: their temporaries stay in cache, and below glibc's mmap
+    threshold (32 MB at most) freed memory is reused instead of being mapped and faulted in again.
+    """
+    return min(budget_mb, cpu_chunk_mb) if device.type == "cpu" and cpu_chunk_mb > 0 else budget_mb
 
 
 def over_chunks(fn: Callable[[slice], torch.Tensor], total: int, size: int, dim: int = 1,
@@ -80,7 +82,8 @@ class WindowAttention(nn.Module):
     """Window self-attention whose queries and keys see the appearance guidance.
 
     q, k = Linear([x, guidance]); v = Linear(x); no relative position bias. The guidance half
-    of q / k (`guidance_terms`) is computed once per image, not once per class.
+    of q / k (`guidance_terms`) is computed once per image, not once per class; q, k and v of
+    the class slices come from one matrix product.
     """
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int):
@@ -104,12 +107,12 @@ class WindowAttention(nn.Module):
         (B, nW, N, 2C) from `guidance_terms`, or None; mask: (nW, N, N) additive, or None.
         Returns (B * t, nW, N, C)."""
         n, nw, length, c = x.shape
-        qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]), torch.cat([self.q.bias, self.k.bias]))
-        if guidance is not None:
-            qk.view(guidance.shape[0], -1, nw, length, 2 * c).add_(guidance.unsqueeze(1))
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731  (n, nW, h, N, d)
-        q, k, v = heads(qk[..., :c]), heads(qk[..., c:]), heads(self.v(x))
-        if mask is None:
+        weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
+        qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
+        if guidance is not None:  # in place: the linear map's backward does not need its output
+            qkv[..., : 2 * c].view(guidance.shape[0], -1, nw, length, 2 * c).add_(guidance.unsqueeze(1))
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2) for t in qkv.split(c, dim=-1))
+        if mask is None:  # (n * nW, heads, N, d) views; the kernel accepts the strides
             out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale=self.scale)
             out = out.unflatten(0, (n, nw))
         else:  # one call per window position: each has its own mask, shared by all slices
@@ -118,68 +121,97 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(-3, -2).flatten(-2))
 
 
+def window_order(resolution: Tuple[int, int], window: int, shift: int) -> torch.Tensor:
+    """(H * W,) row-major position indices listed window by window after a cyclic shift by
+    `shift`: gathering a (.., H * W, C) map with it gives the (.., nW, window^2, C) windows."""
+    h, w = resolution
+    grid = torch.arange(h * w).view(1, h, w, 1)
+    if shift:
+        grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(grid, window).flatten()
+
+
+def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y, written into x when autograd is off (x must then be a temporary)."""
+    return x + y if torch.is_grad_enabled() else x.add_(y)
+
+
+def mlp(module: nn.Module, x: torch.Tensor, activation: Callable, activation_: Callable) -> torch.Tensor:
+    """fc2(activation(fc1(x))) of a two-layer MLP given as `module.fc1` / `module.fc2` or as
+    `module[0]` / `module[2]` (dropout rates are 0); the activation runs in place
+    (`activation_`) when autograd is off. x: (..., C) -> (..., C)."""
+    fc1, fc2 = (module.fc1, module.fc2) if hasattr(module, "fc1") else (module[0], module[2])
+    hidden = fc1(x)
+    return fc2(activation(hidden) if torch.is_grad_enabled() else activation_(hidden))
+
+
 class SwinTransformerBlock(nn.Module):
-    """Pre-norm (shifted-)window attention block over one cost slice, guided by appearance."""
+    """Pre-norm (shifted-)window attention block over one cost slice, guided by appearance.
+
+    Works in window order: its input and output are the (B * t, nW, window^2, C) windows that
+    gathering the map with `order` gives (the cyclic shift included), so no partition, reverse
+    or roll is done inside the block.
+    """
 
     def __init__(self, dim: int, guidance_dim: int, resolution: Tuple[int, int], num_heads: int,
                  window_size: int, shift_size: int):
         super().__init__()
         if resolution[0] % window_size or resolution[1] % window_size:
             raise ValueError(f"FEATURE_RESOLUTION {tuple(resolution)} must be a multiple of WINDOW_SIZES {window_size}")
-        self.resolution = tuple(resolution)
-        self.window_size = window_size
-        self.shift_size = shift_size
+        self.num_windows = resolution[0] * resolution[1] // window_size ** 2
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, guidance_dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=4 * dim)
         if shift_size > 0:
-            self.register_buffer("attn_mask", shifted_window_mask(self.resolution, window_size, shift_size))
+            self.register_buffer("attn_mask", shifted_window_mask(tuple(resolution), window_size, shift_size))
         else:
             self.attn_mask = None
-
-    def windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) -> (N, nW, window^2, C) after the cyclic shift."""
-        if self.shift_size:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        return window_partition(x, self.window_size)
+        self.register_buffer("order", window_order(tuple(resolution), window_size, shift_size), persistent=False)
 
     def guidance_terms(self, guidance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Normalised guidance (B, H, W, G) -> (B, nW, N, 2C) q / k terms; None stays None."""
-        return None if guidance is None else self.attn.guidance_terms(self.windows(guidance))
+        """Normalised guidance (B, H * W, G) -> (B, nW, N, 2C) q / k terms; None stays None."""
+        if guidance is None:
+            return None
+        return self.attn.guidance_terms(guidance[:, self.order].unflatten(1, (self.num_windows, -1)))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (B * t, H, W, C) class slices (image-major); guidance: `guidance_terms` output or None.
-        Returns (B * t, H, W, C)."""
-        h, w = self.resolution
-        y = self.attn(self.windows(self.norm1(x)), guidance, self.attn_mask)
-        y = window_reverse(y, self.window_size, h, w)
-        if self.shift_size:
-            y = torch.roll(y, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+        """x: (B * t, nW, N, C) class slices in window order (image-major); guidance:
+        `guidance_terms` output or None. Returns (B * t, nW, N, C)."""
+        x = residual(x, self.attn(self.norm1(x), guidance, self.attn_mask))
+        return residual(x, mlp(self.mlp, self.norm2(x), F.gelu, torch.ops.aten.gelu_))
 
 
 class SwinTransformerBlockWrapper(nn.Module):
-    """Spatial aggregation: a window block then a shifted-window block, per class slice."""
+    """Spatial aggregation: a window block then a shifted-window block, per class slice.
+
+    The map is gathered into the first block's window order, from there into the second's,
+    and back to row-major: three copies per wrapper.
+    """
 
     def __init__(self, dim: int, guidance_dim: int, resolution: Tuple[int, int], nheads: int, window_size: int):
         super().__init__()
         self.block_1 = SwinTransformerBlock(dim, guidance_dim, resolution, nheads, window_size, 0)
         self.block_2 = SwinTransformerBlock(dim, guidance_dim, resolution, nheads, window_size, window_size // 2)
         self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim > 0 else None
+        first, second = self.block_1.order, self.block_2.order
+        self.register_buffer("first_to_second", torch.argsort(first)[second], persistent=False)
+        self.register_buffer("second_to_map", torch.argsort(second), persistent=False)
 
     def guidance_terms(self, guidance: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """(B, G, H, W) or None -> per block, its (B, nW, N, 2C) q / k guidance terms (or None)."""
         if guidance is None:
             return [None, None]
-        guidance = self.guidance_norm(guidance.permute(0, 2, 3, 1))
+        guidance = self.guidance_norm(guidance.flatten(2).transpose(1, 2))
         return [self.block_1.guidance_terms(guidance), self.block_2.guidance_terms(guidance)]
 
     def forward(self, x: torch.Tensor, guidance: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """x: (B * t, H, W, C) class slices (image-major); guidance: `guidance_terms` output.
         Returns (B * t, H, W, C)."""
-        return self.block_2(self.block_1(x, guidance[0]), guidance[1])
+        windows = lambda t, order: t[:, order].unflatten(1, (self.block_1.num_windows, -1))  # noqa: E731
+        y = self.block_1(windows(x.flatten(1, 2), self.block_1.order), guidance[0])
+        y = self.block_2(windows(y.flatten(1, 2), self.first_to_second), guidance[1])
+        return y.flatten(1, 2)[:, self.second_to_map].view_as(x)
 
 
 class ClassTransformerLayer(nn.Module):
@@ -196,29 +228,37 @@ class ClassTransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
 
-    def transform(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """Pre-norm attention + MLP, both residual. x: (B, T, M, C); guidance: (B, T, G) or None."""
-        x = x + self.attention(self.norm1(x), guidance)
-        return x + self.MLP(self.norm2(x))
+    def transform(self, x: torch.Tensor, qk_bias: torch.Tensor) -> torch.Tensor:
+        """Pre-norm attention + MLP, both residual. x: (B, M, T, C); qk_bias: (B, 1, T, 2C) or (2C,)."""
+        x = x + self.attention(self.norm1(x), qk_bias)
+        return residual(x, mlp(self.MLP, self.norm2(x), F.relu, torch.relu_))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
         """x: (B, T, H, W, C); guidance: (B, T, G) or None; chunk: positions per chunk (0: all).
         Returns (B, T, H, W, C); without autograd, written into x.
 
-        The pooled branch keeps its own residual and is then added to x again (official).
+        Each chunk of positions is moved to (B, M, T, C) so that every product runs over
+        contiguous class sequences. The pooled branch keeps its own residual and is then added
+        to x again (official).
         """
         b, t, h, w, c = x.shape
         in_place = not torch.is_grad_enabled()
+        qk_bias = self.attention.qk_bias(guidance)
+        qk_bias = qk_bias.unsqueeze(1) if guidance is not None else qk_bias
         pool = self.pool if self.training else self.test_pool
         if tuple(pool.kernel_size) == (1, 1):  # pooling and resizing back are identities
             flat = x.view(b, t, h * w, c)
-            step = lambda s: flat[:, :, s] + self.transform(flat[:, :, s], guidance)  # noqa: E731
+
+            def step(s: slice) -> torch.Tensor:
+                chunk_x = flat[:, :, s].transpose(1, 2)
+                return residual(self.transform(chunk_x, qk_bias), chunk_x).transpose(1, 2)
             return over_chunks(step, h * w, chunk or h * w, dim=2, out=flat if in_place else None).view_as(x)
         pooled = pool(x.view(b * t, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         ph, pw = pooled.shape[1:3]
         pooled = pooled.reshape(b, t, ph * pw, c)
-        pooled = over_chunks(lambda s: self.transform(pooled[:, :, s], guidance), ph * pw, chunk or ph * pw, dim=2)
-        pooled = pooled.view(b * t, ph, pw, c).permute(0, 3, 1, 2)
+        pooled = over_chunks(lambda s: self.transform(pooled[:, :, s].transpose(1, 2), qk_bias).transpose(1, 2),
+                             ph * pw, chunk or ph * pw, dim=2)
+        pooled = pooled.reshape(b * t, ph, pw, c).permute(0, 3, 1, 2)
         up = F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
         up = up.reshape(b, t, h, w, c)
         return x.add_(up) if in_place else x + up
@@ -238,7 +278,8 @@ class AggregatorLayer(nn.Module):
 
 
 class DoubleConv(nn.Module):
-    """(3x3 conv without bias, GroupNorm(out // 16), ReLU) x 2."""
+    """(3x3 conv without bias, GroupNorm(out // 16), ReLU) x 2. `Up` applies the first convolution
+    itself (fused with the upsampling); `forward` runs the rest."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -252,23 +293,37 @@ class DoubleConv(nn.Module):
             nn.ReLU(inplace=True),
         )
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B * t, C_x, h, w), the leading C_x input channels; guidance: (B, C_out, h, w), the first
-        convolution of the remaining (guidance) input channels, or None. Returns (B * t, C_out, h, w)."""
-        layers = self.double_conv
-        y = F.conv2d(x, layers[0].weight[:, : x.shape[1]], padding=1)
-        if guidance is not None:
-            y.view(guidance.shape[0], -1, *y.shape[1:]).add_(guidance.unsqueeze(1))
-        for layer in layers[1:]:
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (N, C_out, h, w), the first convolution's output. Returns (N, C_out, h, w)."""
+        for layer in self.double_conv[1:]:
             y = layer(y)
         return y
+
+
+def phase_selection(device=None) -> torch.Tensor:
+    """(2, 2, 3, 2) 0/1 tensor S[a, tap, k, phase]: output row 2i + a of a 3x3 convolution (padding
+    1) over a x2 transposed-conv output reads, at kernel row k, the upsampled row of the given
+    phase (row parity) inside input row i + a + tap - 1; tap is the row of a 2x2 kernel over the
+    input padded by 1."""
+    s = torch.zeros(2, 2, 3, 2, device=device)
+    for a in range(2):
+        for k in range(3):
+            row = a + k - 1  # upsampled row offset from 2i
+            s[a, row // 2 - a + 1, k, row % 2] = 1
+    return s
 
 
 class Up(nn.Module):
     """x2 transposed-conv upsampling, concatenation of projected guidance, DoubleConv.
 
-    The concatenation is never built: the first convolution's guidance channels are applied
-    once per image (`guidance_term`) and added to every class slice.
+    Computed without building either the upsampled map or the concatenation:
+    - a 2x2 stride-2 transposed convolution followed by a 3x3 convolution is, for each of the
+      four output phases (row and column parity), a 2x2 convolution of the input; the four
+      kernels are composed from the two weights (`fused_weight`) and applied as one convolution
+      with 4 x C_out channels, whose outputs interleave into the 2h x 2w map;
+    - what does not depend on the class, the 3x3 convolution of the transposed conv's bias
+      (zero padding makes it position-dependent at the border) and of the guidance channels,
+      is computed once per image (`guidance_term`) and added to every class slice.
     """
 
     def __init__(self, in_channels: int, out_channels: int, guidance_channels: int):
@@ -276,15 +331,34 @@ class Up(nn.Module):
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
         self.conv = DoubleConv(in_channels, out_channels)
 
-    def guidance_term(self, guidance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B, G, 2h, 2w) projected guidance or None -> (B, C_out, 2h, 2w) or None."""
-        if guidance is None:
-            return None
-        return F.conv2d(guidance, self.conv.double_conv[0].weight[:, self.up.out_channels:], padding=1)
+    def fused_weight(self) -> torch.Tensor:
+        """(4 * C_out, C_in, 2, 2): transposed conv then first convolution, phase-major (a, b)."""
+        first = self.conv.double_conv[0].weight[:, : self.up.out_channels]  # (C_out, C_up, 3, 3)
+        s = phase_selection(first.device).to(first.dtype)
+        w = torch.einsum("aykm,bxln,pokl,comn->abpcyx", s, s, first, self.up.weight)
+        return w.flatten(0, 2)
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B * t, C, h, w) image-major; guidance: `guidance_term` output. Returns (B * t, C_out, 2h, 2w)."""
-        return self.conv(self.up(x), guidance)
+    def guidance_term(self, guidance: Optional[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+        """(B, G, 2h, 2w) projected guidance or None; size (2h, 2w) -> (B or 1, C_out, 2h, 2w)."""
+        first = self.conv.double_conv[0].weight
+        bias = self.up.bias.view(1, -1, 1, 1).expand(1, -1, *size)
+        term = F.conv2d(bias, first[:, : self.up.out_channels], padding=1)
+        if guidance is not None:
+            term = term + F.conv2d(guidance, first[:, self.up.out_channels:], padding=1)
+        return term.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, term: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x: (B * t, C_in, h, w) image-major; term: `guidance_term` output; weight: `fused_weight()`.
+        Returns (B * t, C_out, 2h, 2w)."""
+        n, _, h, w = x.shape
+        phases = F.conv2d(x, weight, padding=1).permute(0, 2, 3, 1).unflatten(-1, (2, 2, -1))  # (n, h+1, w+1, 2, 2, C)
+        y = x.new_empty(n, h, 2, w, 2, phases.shape[-1])  # channels-last: oneDNN convolutions run faster
+        for a in range(2):
+            for b in range(2):
+                y[:, :, a, :, b] = phases[:, a: a + h, b: b + w, a, b]
+        y = y.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)
+        y.view(term.shape[0], -1, *y.shape[1:]).add_(term.unsqueeze(1))
+        return self.conv(y)
 
 
 class Aggregator(nn.Module):
@@ -292,7 +366,8 @@ class Aggregator(nn.Module):
 
     Without autograd the class-independent stages run over chunks of classes (all views of a
     class together) sized by `class_chunk_size`, or, when 0, by `memory_budget_mb` for their
-    activations; the class attention runs over chunks of positions under the same budget.
+    activations (on CPU also by `cpu_chunk_mb`, see `chunk_budget_mb`); the class attention runs
+    over chunks of positions under the same budget.
     """
 
     def __init__(
@@ -315,10 +390,12 @@ class Aggregator(nn.Module):
         prompt_channel: int = 80,
         class_chunk_size: int = 0,
         memory_budget_mb: float = 1024,
+        cpu_chunk_mb: float = 0,
     ):
         super().__init__()
         self.class_chunk_size = class_chunk_size
         self.memory_budget_mb = memory_budget_mb
+        self.cpu_chunk_mb = cpu_chunk_mb
         self.layers = nn.ModuleList([
             AggregatorLayer(hidden_dim, text_guidance_proj_dim, appearance_guidance_proj_dim, nheads,
                             tuple(feature_resolution), pooling_size, window_size, attention_type, test_pooling_size)
@@ -348,11 +425,12 @@ class Aggregator(nn.Module):
         decoder = 4 * h * w * (hidden + 4 * d1.out_channels) + 16 * h * w * (d1.out_channels + 4 * d2.out_channels)
         return 4 * max(spatial, decoder)
 
-    def chunk_sizes(self, views: int, classes: int, h: int, w: int) -> Tuple[int, int]:
+    def chunk_sizes(self, views: int, classes: int, h: int, w: int,
+                    device: torch.device = torch.device("cpu")) -> Tuple[int, int]:
         """(classes per chunk, positions per chunk of the class attention) for this input."""
         if torch.is_grad_enabled():
             return classes, h * w
-        budget = self.memory_budget_mb * 2 ** 20
+        budget = chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, device) * 2 ** 20
         per_class = self.class_chunk_size or max(1, int(budget // (views * self.slice_bytes(h, w))))
         per_position = max(1, int(budget // (views * classes * 4 * 16 * self.conv1.out_channels)))
         return min(per_class, classes), min(per_position, h * w)
@@ -386,9 +464,10 @@ class Aggregator(nn.Module):
         if self.text_guidance_projection is not None:
             text_guidance = self.text_guidance_projection(F.normalize(text_feats.mean(dim=-2), dim=-1))
         spatial_guidance = [layer.swin_block.guidance_terms(guidance) for layer in self.layers]
-        decoder_guidance = [self.decoder1.guidance_term(decoder_guidance[0]),
-                            self.decoder2.guidance_term(decoder_guidance[1])]
-        per_class, per_position = self.chunk_sizes(b, t, h, w)
+        decoder_guidance = [self.decoder1.guidance_term(decoder_guidance[0], (2 * h, 2 * w)),
+                            self.decoder2.guidance_term(decoder_guidance[1], (4 * h, 4 * w))]
+        decoder_weights = [self.decoder1.fused_weight(), self.decoder2.fused_weight()]
+        per_class, per_position = self.chunk_sizes(b, t, h, w, img_feats.device)
         in_place = not torch.is_grad_enabled()
 
         def spatial(i: int, x: Optional[torch.Tensor]):
@@ -403,6 +482,7 @@ class Aggregator(nn.Module):
 
         def decode(s: slice) -> torch.Tensor:
             y = x[:, s].flatten(0, 1).permute(0, 3, 1, 2)
-            y = self.decoder2(self.decoder1(y, decoder_guidance[0]), decoder_guidance[1])
+            y = self.decoder1(y, decoder_guidance[0], decoder_weights[0])
+            y = self.decoder2(y, decoder_guidance[1], decoder_weights[1])
             return self.head(y).unflatten(0, (b, -1)).squeeze(2)
         return over_chunks(decode, t, per_class)

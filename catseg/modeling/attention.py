@@ -1,9 +1,8 @@
 """Attention used by the class aggregation: linear (default) and full softmax attention.
 
-The sequence runs along dim 1 (the T classes); every other leading dim is a batch dim, so a
-(B, T, M, heads, D) layout attends across classes at each of the M positions without moving
-the classes to a batch-major layout first. Both functions take queries / keys / values of
-shape (B, L, M, heads, D) and return (B, L, M, heads, D).
+The sequence runs along dim -2 (the T classes) and every leading dim is a batch dim, so a
+(B, M, T, C) chunk attends across classes at each of its M positions. Both functions take
+queries / keys / values of shape (..., L, C) with C = heads * D and return (..., L, C).
 """
 from typing import Optional
 
@@ -12,24 +11,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Linear attention with the elu(x) + 1 feature map ("Transformers are RNNs").
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """Linear attention with the elu(x) + 1 feature map ("Transformers are RNNs"), per head.
 
     Values are divided by the sequence length before the products and multiplied back after
-    (keeps fp16 in range; kept for exactness with released checkpoints).
+    (keeps fp16 in range; kept for exactness with released checkpoints). The per-head (D, D)
+    key-value summaries are the diagonal blocks of one (C, C) product, so every product is a
+    plain batched matrix product over the leading dims, without moving the heads.
     """
     q = F.elu(q) + 1
     k = F.elu(k) + 1
-    length = v.shape[1]
-    kv = torch.einsum("blmhd,blmhe->bmhde", k, v / length)
-    z = 1 / (torch.einsum("blmhd,bmhd->blmh", q, k.sum(dim=1)) + eps)
-    return torch.einsum("blmhd,bmhde->blmhe", q, kv) * (z * length).unsqueeze(-1)
+    length, c = v.shape[-2:]
+    same_head = torch.block_diag(*[q.new_ones(c // heads, c // heads)] * heads)  # (C, C)
+    kv = torch.matmul(k.transpose(-1, -2), v / length).mul_(same_head)  # (..., C, C)
+    z = (q * k.sum(dim=-2, keepdim=True)).unflatten(-1, (heads, -1)).sum(-1).add_(eps).reciprocal_()  # (..., L, heads)
+    out = torch.matmul(q, kv).unflatten(-1, (heads, -1))
+    return out.mul_((z * length).unsqueeze(-1)).flatten(-2)
 
 
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, scale 1 / sqrt(D)."""
-    move = lambda t: t.permute(0, 2, 3, 1, 4)  # noqa: E731  (B, M, heads, L, D)
-    return F.scaled_dot_product_attention(move(q), move(k), move(v)).permute(0, 3, 1, 2, 4)
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention per head, scale 1 / sqrt(D)."""
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # noqa: E731  (..., heads, L, D)
+    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(-3, -2).flatten(-2)
 
 
 ATTENTION_FUNCTIONS = {"linear": linear_attention, "full": full_attention}
@@ -40,7 +43,8 @@ class AttentionLayer(nn.Module):
 
     q, k = Linear([x, guidance]); v = Linear(x). The guidance depends on the sequence element
     only (one vector per class), so its half of the q / k projections is computed once per
-    element and broadcast over the positions, from the same parameters split at use time.
+    element (`qk_bias`) and broadcast over the positions, from the same parameters split at use
+    time.
     """
 
     def __init__(self, hidden_dim: int, guidance_dim: int, nheads: int = 8, attention_type: str = "linear"):
@@ -53,16 +57,18 @@ class AttentionLayer(nn.Module):
         self.v = nn.Linear(hidden_dim, hidden_dim)
         self.attend = ATTENTION_FUNCTIONS[attention_type]
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, L, M, C), attention along L at each of the M positions; guidance: (B, L, G) or
-        None. Returns (B, L, M, C)."""
-        c = x.shape[-1]
-        w_qk = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]])
-        qk = F.linear(x, w_qk)
+    def qk_bias(self, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        """(..., L, G) guidance or None -> (..., L, 2C) (or (2C,)): bias plus guidance half of [q, k]."""
+        c = self.v.in_features
         bias = torch.cat([self.q.bias, self.k.bias])
-        if guidance is not None:
-            bias = F.linear(guidance, torch.cat([self.q.weight[:, c:], self.k.weight[:, c:]]), bias).unsqueeze(2)
-        qk = qk.add_(bias)  # in place: the linear map's backward does not need its output
-        heads = lambda t: t.unflatten(-1, (self.nheads, -1))  # noqa: E731
-        q, k = heads(qk[..., :c]), heads(qk[..., c:])
-        return self.attend(q, k, heads(self.v(x))).flatten(-2)
+        if guidance is None:
+            return bias
+        return F.linear(guidance, torch.cat([self.q.weight[:, c:], self.k.weight[:, c:]]), bias)
+
+    def forward(self, x: torch.Tensor, qk_bias: torch.Tensor) -> torch.Tensor:
+        """x: (..., L, C), attention along L; qk_bias: `qk_bias` output, broadcastable to
+        (..., L, 2C). Returns (..., L, C)."""
+        c = x.shape[-1]
+        qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]))
+        qk = qk.add_(qk_bias)  # in place: the linear map's backward does not need its output
+        return self.attend(qk[..., :c], qk[..., c:], self.v(x), self.nheads)

@@ -130,6 +130,7 @@ class CATSegHead(nn.Module):
             prompt_channel=len(templates),
             class_chunk_size=head.CLASS_CHUNK_SIZE,
             memory_budget_mb=head.MEMORY_BUDGET_MB,
+            cpu_chunk_mb=head.CPU_CHUNK_MB,
         )
         predictor = CATSegPredictor(
             clip_model=clip_model,

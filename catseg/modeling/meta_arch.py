@@ -16,6 +16,7 @@ from detectron2.structures import ImageList
 from einops import rearrange
 from torch import nn
 
+from .aggregator import chunk_budget_mb
 from .clip import default_clip_resolution, encode_image_dense
 
 
@@ -93,6 +94,7 @@ class CATSeg(nn.Module):
         sliding_overlap: float,
         sliding_out_res: Tuple[int, int],
         memory_budget_mb: float = 1024,
+        cpu_chunk_mb: float = 0,
         bf16: bool = False,
     ):
         super().__init__()
@@ -106,6 +108,7 @@ class CATSeg(nn.Module):
         self.sliding_stride = int(sliding_kernel * (1 - sliding_overlap))
         self.sliding_out_res = tuple(sliding_out_res)
         self.memory_budget_mb = memory_budget_mb
+        self.cpu_chunk_mb = cpu_chunk_mb
         self.bf16 = bf16
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
@@ -132,6 +135,7 @@ class CATSeg(nn.Module):
             "sliding_overlap": cfg.TEST.SLIDING_OVERLAP,
             "sliding_out_res": cfg.TEST.SLIDING_OUT_RES,
             "memory_budget_mb": head.MEMORY_BUDGET_MB,
+            "cpu_chunk_mb": head.CPU_CHUNK_MB,
             "bf16": cfg.TEST.BF16,
         }
 
@@ -215,7 +219,7 @@ class CATSeg(nn.Module):
         images' views in one network pass; see `merge_sliding_window`.
 
         Merging and post-processing are per class, so they run over class chunks sized by
-        MEMORY_BUDGET_MB: only the (T, height, width) output is ever whole.
+        MEMORY_BUDGET_MB (and CPU_CHUNK_MB): only the (T, height, width) output is ever whole.
         """
         k, stride, out_res = self.sliding_kernel, self.sliding_stride, self.sliding_out_res
         views = [sliding_window_views(x, k, stride, out_res) for x in images]
@@ -224,7 +228,7 @@ class CATSeg(nn.Module):
         for lg, (h, w) in zip(logits, sizes):
             classes = lg.shape[1]
             chunk = class_chunk(classes, 4 * (2 * len(lg) * k * k + 3 * out_res[0] * out_res[1] + h * w),
-                                self.memory_budget_mb)
+                                chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, lg.device))
             out = lg.new_empty(classes, h, w)
             for s in range(0, classes, chunk):
                 probs = resize(lg[:, s:s + chunk], (k, k)).sigmoid()

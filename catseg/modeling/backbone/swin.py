@@ -1,12 +1,38 @@
 """D2SwinTransformer: detectron2's Swin Transformer with CAT-Seg's config keys and output names.
 
 detectron2's implementation has the official key layout (patch_embed, layers, norm{i}) and the
-same computation, so it is used as is; this class only reads MODEL.SWIN.* and names the
-outputs res2..res5 (strides 4..32) instead of p0..p3.
+same computation, so it is used as is; this class reads MODEL.SWIN.*, names the outputs
+res2..res5 (strides 4..32) instead of p0..p3, and computes the window attention with the fused
+`scaled_dot_product_attention` (`FusedWindowAttention`: same parameters, same result).
 """
+import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.swin import SwinTransformer
+from detectron2.modeling.backbone.swin import SwinTransformer, WindowAttention
+
+
+class FusedWindowAttention(WindowAttention):
+    """detectron2's WindowAttention computed by `scaled_dot_product_attention`, the relative
+    position bias (and the shifted-window mask) as its additive mask."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+        """x: (nW * B, N, C) windows; mask: (nW, N, N) additive (0 / -100) or None. Returns (nW * B, N, C)."""
+        windows, n, c = x.shape
+        q, k, v = self.qkv(x).view(windows, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (nW * B, heads, N, d)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(n, n, -1).permute(2, 0, 1).to(q.dtype)  # (heads, N, N)
+        dropout = self.attn_drop.p if self.training else 0.0
+        attend = lambda q_, k_, v_, m: F.scaled_dot_product_attention(  # noqa: E731
+            q_, k_, v_, attn_mask=m, dropout_p=dropout, scale=self.scale)
+        if mask is None:
+            out = attend(q, k, v, bias.unsqueeze(0))
+        else:  # one call per window position: each has its own mask, shared by the batch
+            nw = mask.shape[0]
+            q, k, v = (t.unflatten(0, (-1, nw)) for t in (q, k, v))
+            out = torch.stack([attend(q[:, i], k[:, i], v[:, i], (bias + mask[i].to(q.dtype)).unsqueeze(0)) for i in range(nw)], 1)
+            out = out.flatten(0, 1)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(windows, n, c)))
 
 
 @BACKBONE_REGISTRY.register()
@@ -43,6 +69,9 @@ class D2SwinTransformer(SwinTransformer):
         self._out_feature_strides = {f"res{i + 2}": 2 ** (i + 2) for i in self.out_indices}
         if hasattr(self, "norm0"):
             self.norm0.requires_grad_(False)
+        for module in self.modules():
+            if type(module) is WindowAttention:
+                module.__class__ = FusedWindowAttention
 
     def forward(self, x):
         """x: (N, 3, H, W) -> {"res2": (N, C, H/4, W/4), ...} for the configured stages."""
