@@ -2,16 +2,21 @@
 
 Notation: B images (views), T classes, P prompt templates, C channels, H x W the CLIP token grid.
 Module names and parameter shapes follow the official implementation, so released checkpoints
-load unchanged; the computation is rearranged without changing its result:
+load unchanged; the computation is rearranged without changing its result (up to float
+rounding):
 
-- the aggregator state is kept channel-last, (B, T, H, W, C), so no stage transposes it;
+- the aggregator state is kept channel-last, (B, T, H, W, C), so no stage transposes it whole;
 - work that does not depend on the class runs once per image and is broadcast over classes:
   guidance LayerNorm, the guidance half of every q / k projection (a linear map of a
   concatenation is the sum of two linear maps; weights are split at use time), the guidance
   half of the decoder's first convolutions (a convolution is linear in its input channels);
-- window attention uses the fused `scaled_dot_product_attention` with the additive mask;
+- the spatial blocks run in window order (gathers instead of partition / roll / reverse) with
+  the fused `scaled_dot_product_attention` and the additive shifted-window mask;
+- the decoder composes each transposed convolution with the following 3x3 convolution (one 2x2
+  convolution per output phase, see `Up`) and runs channels-last;
 - the spatial blocks and the decoder are independent per class and run over class chunks, the
-  class attention over chunks of positions, so peak memory follows a budget at any T.
+  class attention over chunks of positions, so peak memory follows a budget at any T; without
+  autograd, residuals and activations are computed in place.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
