@@ -163,6 +163,8 @@ class SwinTransformerBlock(nn.Module):
         super().__init__()
         if resolution[0] % window_size or resolution[1] % window_size:
             raise ValueError(f"FEATURE_RESOLUTION {tuple(resolution)} must be a multiple of WINDOW_SIZES {window_size}")
+        self.resolution = tuple(resolution)
+        self.window_size = window_size
         self.num_windows = resolution[0] * resolution[1] // window_size ** 2
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, guidance_dim, num_heads)
