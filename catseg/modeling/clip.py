@@ -13,6 +13,7 @@ from typing import List, Sequence, Tuple
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
@@ -143,13 +144,50 @@ def resize_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> tor
     return torch.cat([pos[:1], patch.flatten(2).squeeze(0).t()], dim=0)
 
 
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's c_fc -> activation -> c_proj; QuickGELU / GELU run in place without autograd."""
+    if not hasattr(mlp, "c_fc"):
+        return mlp(x)
+    hidden = mlp.c_fc(x)
+    act = mlp.gelu
+    if torch.is_grad_enabled() or type(act) not in (QuickGELU, nn.GELU) or getattr(act, "approximate", "none") != "none":
+        hidden = act(hidden)
+    elif isinstance(act, QuickGELU):  # x * sigmoid(1.702 x), same operations
+        hidden = hidden.mul_(torch.sigmoid_(hidden * 1.702))
+    else:
+        hidden = torch.ops.aten.gelu_(hidden)
+    return mlp.c_proj(hidden)
+
+
+def _fusable(block: nn.Module) -> bool:
+    """Whether `_block` computes exactly what this open_clip block's own forward computes."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.in_proj_bias is not None and attn.dropout == 0.0
+            and isinstance(getattr(block, "ln_attn", nn.Identity()), nn.Identity))
+
+
+def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One open_clip ResidualAttentionBlock on (B, N, C) tokens, attention through the fused
+    `scaled_dot_product_attention`; blocks of other layouts run their own forward."""
+    if not _fusable(block):
+        return block(x)
+    attn = block.attn
+    b, n, c = x.shape
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    x = x + block.ls_1(attn.out_proj(out))
+    return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
+
+
 def _value_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The dense last block: attention reduced to out_proj(value projection of ln_1(x))."""
     attn = block.attn
     width = x.shape[-1]
     v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
     x = x + block.ls_1(attn.out_proj(v))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
 
 
 def encode_image_dense(clip_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -177,7 +215,7 @@ def encode_image_dense(clip_model: nn.Module, images: torch.Tensor) -> torch.Ten
             p = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
             n_prompt = p.shape[1]
-        x = _value_only_block(block, x) if i == len(blocks) - 1 else block(x)
+        x = _value_only_block(block, x) if i == len(blocks) - 1 else _block(block, x)
     if n_prompt:
         x = torch.cat([x[:, :1], x[:, 1 + n_prompt:]], dim=1)
     return visual.ln_post(x) @ visual.proj
