@@ -77,6 +77,26 @@ def test_cpu_cap_shrinks_chunks_on_cpu_only(model, image, unchunked):
     assert (predict(model, image, sliding=True) - unchunked[1]).abs().max().item() <= TOL
 
 
+def test_847_classes_default_chunking_matches_unchunked():
+    """ADE-847-sized vocabulary (random text features, whole image): the default chunking (1 GiB
+    budget, 96 MB CPU cap) gives the one-chunk result."""
+    model = make_model(opts=["MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1, 1]"]).eval()
+    predictor = model.sem_seg_head.predictor
+    names = [f"class {i}" for i in range(847)]
+    predictor.set_test_classes(names)
+    width = predictor.clip_model.text_projection.shape[-1]
+    text = torch.randn(847, len(predictor.prompt_templates), width, generator=torch.Generator().manual_seed(0))
+    predictor._text_cache[tuple(names)] = torch.nn.functional.normalize(text, dim=-1)
+    image = torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(0)).float()
+    configure(model, 847, 1e6)
+    unchunked = predict(model, image)
+    configure(model, 0, 1024, cpu_chunk_mb=96)
+    with torch.no_grad():
+        per_class, per_position = predictor.transformer.chunk_sizes(1, 847, 24, 24)
+    assert per_class < 847 and per_position < 576
+    assert (predict(model, image) - unchunked).abs().max().item() <= TOL
+
+
 def test_autograd_path_matches_inference_path(model, image):
     """With autograd on nothing is chunked or written in place: same logits as the chunked path."""
     configure(model, 2, 1e-3)
