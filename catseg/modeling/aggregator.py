@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from .attention import AttentionLayer
+from .attention import AttentionLayer, per_window_attention
+from .inplace import mlp, residual
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -54,6 +55,12 @@ def shifted_window_mask(resolution: Tuple[int, int], window: int, shift: int) ->
 def chunk_slices(total: int, size: int) -> List[slice]:
     """Consecutive slices of at most `size` covering range(total)."""
     return [slice(i, min(i + size, total)) for i in range(0, total, max(1, size))]
+
+
+def chunk_size(total: int, bytes_per_item: int, budget_mb: float) -> int:
+    """Items per chunk so that one chunk's temporaries (`bytes_per_item` per item) stay within
+    `budget_mb`; at least 1, at most `total`."""
+    return max(1, min(total, int(budget_mb * 2 ** 20 // max(1, bytes_per_item))))
 
 
 def chunk_budget_mb(budget_mb: float, cpu_chunk_mb: float, device: torch.device) -> float:
@@ -120,9 +127,8 @@ class WindowAttention(nn.Module):
         if mask is None:  # (n * nW, heads, N, d) views; the kernel accepts the strides
             out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale=self.scale)
             out = out.unflatten(0, (n, nw))
-        else:  # one call per window position: each has its own mask, shared by all slices
-            out = torch.stack([F.scaled_dot_product_attention(q[:, i], k[:, i], v[:, i], attn_mask=mask[i].to(q.dtype),
-                                                              scale=self.scale) for i in range(nw)], dim=1)
+        else:
+            out = per_window_attention(q, k, v, mask.unsqueeze(1), scale=self.scale)
         return self.proj(out.transpose(-3, -2).flatten(-2))
 
 
@@ -134,20 +140,6 @@ def window_order(resolution: Tuple[int, int], window: int, shift: int) -> torch.
     if shift:
         grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
     return window_partition(grid, window).flatten()
-
-
-def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y, written into x when autograd is off (x must then be a temporary)."""
-    return x + y if torch.is_grad_enabled() else x.add_(y)
-
-
-def mlp(module: nn.Module, x: torch.Tensor, activation: Callable, activation_: Callable) -> torch.Tensor:
-    """fc2(activation(fc1(x))) of a two-layer MLP given as `module.fc1` / `module.fc2` or as
-    `module[0]` / `module[2]` (dropout rates are 0); the activation runs in place
-    (`activation_`) when autograd is off. x: (..., C) -> (..., C)."""
-    fc1, fc2 = (module.fc1, module.fc2) if hasattr(module, "fc1") else (module[0], module[2])
-    hidden = fc1(x)
-    return fc2(activation(hidden) if torch.is_grad_enabled() else activation_(hidden))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -186,7 +178,7 @@ class SwinTransformerBlock(nn.Module):
         """x: (B * t, nW, N, C) class slices in window order (image-major); guidance:
         `guidance_terms` output or None. Returns (B * t, nW, N, C)."""
         x = residual(x, self.attn(self.norm1(x), guidance, self.attn_mask))
-        return residual(x, mlp(self.mlp, self.norm2(x), F.gelu, torch.ops.aten.gelu_))
+        return residual(x, mlp(self.mlp.fc1, self.mlp.fc2, self.norm2(x), F.gelu, torch.ops.aten.gelu_))  # dropout rates are 0
 
 
 class SwinTransformerBlockWrapper(nn.Module):
@@ -238,7 +230,7 @@ class ClassTransformerLayer(nn.Module):
     def transform(self, x: torch.Tensor, qk_bias: torch.Tensor) -> torch.Tensor:
         """Pre-norm attention + MLP, both residual. x: (B, M, T, C); qk_bias: (B, 1, T, 2C) or (2C,)."""
         x = x + self.attention(self.norm1(x), qk_bias)
-        return residual(x, mlp(self.MLP, self.norm2(x), F.relu, torch.relu_))
+        return residual(x, mlp(self.MLP[0], self.MLP[2], self.norm2(x), F.relu, torch.relu_))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
         """x: (B, T, H, W, C); guidance: (B, T, G) or None; chunk: positions per chunk (0: all).
@@ -437,10 +429,10 @@ class Aggregator(nn.Module):
         """(classes per chunk, positions per chunk of the class attention) for this input."""
         if torch.is_grad_enabled():
             return classes, h * w
-        budget = chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, device) * 2 ** 20
-        per_class = self.class_chunk_size or max(1, int(budget // (views * self.slice_bytes(h, w))))
-        per_position = max(1, int(budget // (views * classes * 4 * 16 * self.conv1.out_channels)))
-        return min(per_class, classes), min(per_position, h * w)
+        budget = chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, device)
+        per_class = (min(self.class_chunk_size, classes) if self.class_chunk_size
+                     else chunk_size(classes, views * self.slice_bytes(h, w), budget))
+        return per_class, chunk_size(h * w, views * classes * 4 * 16 * self.conv1.out_channels, budget)
 
     def embed(self, img_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """Cosine cost volume through conv1, the P templates as channels.

@@ -1,4 +1,5 @@
-"""Attention used by the class aggregation: linear (default) and full softmax attention.
+"""Attention used by the class aggregation: linear (default) and full softmax attention; and
+the per-window masked attention of the shifted-window blocks (aggregator and Swin backbone).
 
 The sequence runs along dim -2 (the T classes) and every leading dim is a batch dim, so a
 (B, M, T, C) chunk attends across classes at each of its M positions. Both functions take
@@ -33,6 +34,18 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     """Softmax attention per head, scale 1 / sqrt(D)."""
     split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # noqa: E731  (..., heads, L, D)
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(-3, -2).flatten(-2)
+
+
+def per_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
+                         scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Window attention where every window position has its own additive mask, shared by the batch.
+
+    q, k, v: (B, nW, heads, N, d); masks: (nW, heads or 1, N, N). Returns (B, nW, heads, N, d).
+    One fused call per window position: a 4-D mask broadcast over the batch keeps PyTorch's fused
+    CPU kernel, where a single 5-D call would fall back to the unfused path.
+    """
+    return torch.stack([F.scaled_dot_product_attention(q[:, i], k[:, i], v[:, i], attn_mask=masks[i].unsqueeze(0).to(q.dtype),
+                                                       dropout_p=dropout_p, scale=scale) for i in range(q.shape[1])], dim=1)
 
 
 ATTENTION_FUNCTIONS = {"linear": linear_attention, "full": full_attention}

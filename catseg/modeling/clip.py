@@ -17,6 +17,8 @@ from open_clip.transformer import QuickGELU
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
+from . import inplace
+
 logger = logging.getLogger(__name__)
 
 # Architectures shipped with catseg (tiny ones for tests and the quick-start).
@@ -148,15 +150,14 @@ def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """open_clip's c_fc -> activation -> c_proj; QuickGELU / GELU run in place without autograd."""
     if not hasattr(mlp, "c_fc"):
         return mlp(x)
-    hidden = mlp.c_fc(x)
     act = mlp.gelu
-    if torch.is_grad_enabled() or type(act) not in (QuickGELU, nn.GELU) or getattr(act, "approximate", "none") != "none":
-        hidden = act(hidden)
-    elif isinstance(act, QuickGELU):  # x * sigmoid(1.702 x), same operations
-        hidden = hidden.mul_(torch.sigmoid_(hidden * 1.702))
+    if type(act) is QuickGELU:
+        act_ = inplace.quick_gelu_
+    elif type(act) is nn.GELU and act.approximate == "none":
+        act_ = torch.ops.aten.gelu_
     else:
-        hidden = torch.ops.aten.gelu_(hidden)
-    return mlp.c_proj(hidden)
+        act_ = act
+    return inplace.mlp(mlp.c_fc, mlp.c_proj, x, act, act_)
 
 
 def _fusable(block: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from detectron2.structures import ImageList
 from einops import rearrange
 from torch import nn
 
-from .aggregator import chunk_budget_mb
+from .aggregator import chunk_budget_mb, chunk_size, over_chunks
 from .clip import default_clip_resolution, encode_image_dense
 
 
@@ -52,11 +52,6 @@ def merge_sliding_window(probs: torch.Tensor, kernel: int, stride: int, out_res:
     ones = torch.ones(1, 1, *out_res, dtype=probs.dtype, device=probs.device)
     count = F.fold(F.unfold(ones, kernel_size=kernel, stride=stride), out_res, kernel_size=kernel, stride=stride)
     return ((folded / count + resize(global_view, out_res)) / 2)[0]
-
-
-def class_chunk(classes: int, bytes_per_class: int, budget_mb: float) -> int:
-    """Classes per chunk so that one chunk's temporaries stay within `budget_mb`."""
-    return max(1, min(classes, int(budget_mb * 2 ** 20 // max(1, bytes_per_class))))
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
@@ -226,12 +221,10 @@ class CATSeg(nn.Module):
         logits = self.logits(torch.cat(views)).split([len(v) for v in views])
         outputs = []
         for lg, (h, w) in zip(logits, sizes):
-            classes = lg.shape[1]
-            chunk = class_chunk(classes, 4 * (2 * len(lg) * k * k + 3 * out_res[0] * out_res[1] + h * w),
-                                chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, lg.device))
-            out = lg.new_empty(classes, h, w)
-            for s in range(0, classes, chunk):
-                probs = resize(lg[:, s:s + chunk], (k, k)).sigmoid()
-                out[s:s + chunk] = sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
-            outputs.append(out)
+            def merge(s: slice) -> torch.Tensor:  # called right away, inside this iteration
+                probs = resize(lg[:, s], (k, k)).sigmoid()
+                return sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
+            chunk = chunk_size(lg.shape[1], 4 * (2 * len(lg) * k * k + 3 * out_res[0] * out_res[1] + h * w),
+                               chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, lg.device))
+            outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
         return outputs

@@ -11,6 +11,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.swin import SwinTransformer, WindowAttention
 
+from ..attention import per_window_attention
+
 
 class FusedWindowAttention(WindowAttention):
     """detectron2's WindowAttention computed by `scaled_dot_product_attention`, the relative
@@ -23,15 +25,13 @@ class FusedWindowAttention(WindowAttention):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, -1).permute(2, 0, 1).to(q.dtype)  # (heads, N, N)
         dropout = self.attn_drop.p if self.training else 0.0
-        attend = lambda q_, k_, v_, m: F.scaled_dot_product_attention(  # noqa: E731
-            q_, k_, v_, attn_mask=m, dropout_p=dropout, scale=self.scale)
         if mask is None:
-            out = attend(q, k, v, bias.unsqueeze(0))
-        else:  # one call per window position: each has its own mask, shared by the batch
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=dropout, scale=self.scale)
+        else:
             nw = mask.shape[0]
             q, k, v = (t.unflatten(0, (-1, nw)) for t in (q, k, v))
-            out = torch.stack([attend(q[:, i], k[:, i], v[:, i], (bias + mask[i].to(q.dtype)).unsqueeze(0)) for i in range(nw)], 1)
-            out = out.flatten(0, 1)
+            masks = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)  # (nW, heads, N, N)
+            out = per_window_attention(q, k, v, masks, scale=self.scale, dropout_p=dropout).flatten(0, 1)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(windows, n, c)))
 
 

@@ -1,0 +1,27 @@
+"""Arithmetic that writes into temporaries at inference.
+
+With autograd off, residual sums and activations overwrite a tensor that nothing else reads,
+which saves an allocation and a pass over memory each time (large fresh allocations are the
+slow part on CPU). With autograd on, they are the ordinary out-of-place operations.
+"""
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y, written into x when autograd is off (x must then be a temporary)."""
+    return x + y if torch.is_grad_enabled() else x.add_(y)
+
+
+def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's QuickGELU, x * sigmoid(1.702 x), in place (the same operations)."""
+    return x.mul_(torch.sigmoid_(x * 1.702))
+
+
+def mlp(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, activation: Callable, activation_: Callable) -> torch.Tensor:
+    """fc2(activation(fc1(x))); the activation runs in place (`activation_`) when autograd is off.
+    x: (..., C) -> (..., C_out)."""
+    hidden = fc1(x)
+    return fc2(activation(hidden) if torch.is_grad_enabled() else activation_(hidden))
