@@ -3,10 +3,10 @@
 Protocol: random weights at the real B / L sizes, one synthetic 512x683 image, the official
 evaluation protocol (sliding window, POOLING_SIZES [1, 1]), 2 threads. Text encoding is excluded
 from the timing: random unit-norm text features (T, P, C) are put in the predictor's cache; the
-cost of encoding is measured separately (seconds per class, all templates).
+cost of encoding is measured separately (seconds per class, all templates, empty text cache).
 
-Every (code version, model, K) runs in its own subprocess, so peak RSS (ru_maxrss, weights
-included) belongs to that configuration alone, and two versions of the package never share an
+Every (code version, model, K) runs in its own subprocess, so peak memory (CPU: ru_maxrss,
+weights included; CUDA: max allocated) belongs to that configuration alone, and two versions of the package never share an
 interpreter. A version is a repository path (`--repo name=PATH`): compare the working tree
 with the baseline tag checked out in a git worktree:
 
@@ -25,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,9 @@ class StageTimer:
     """Accumulates wall time per stage from forward pre/post hooks (CUDA-synchronised)."""
 
     def __init__(self, device: str):
-        self.sync = (lambda: __import__("torch").cuda.synchronize()) if device == "cuda" else (lambda: None)
+        import torch
+
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.totals = dict.fromkeys(STAGES, 0.0)
 
     def wrap(self, stage: str, fn):
@@ -97,7 +100,7 @@ def instrument(model, timer: StageTimer) -> None:
 def stage_seconds(totals, total: float):
     out = dict(totals)
     out["agg_other"] -= out["spatial"] + out["class"] + out["decoder"]
-    out["post"] = total - sum(v for k, v in out.items() if k != "post")
+    out["post"] = total - sum(out.values())  # "post" is still 0 here
     return out
 
 
@@ -107,8 +110,11 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = "cuda" if args.device == "cuda" else "cpu"
-    model = build(Path(args.repo).resolve(), args.model, device, args.opts)
+    device = args.device
+    opts = list(args.opts)
+    if args.text_classes:  # an empty on-disk text cache: time the encoding, not a cache hit
+        opts += ["MODEL.SEM_SEG_HEAD.TEXT_CACHE_DIR", tempfile.mkdtemp(prefix="catseg-bench-text-")]
+    model = build(Path(args.repo).resolve(), args.model, device, opts)
     predictor = model.sem_seg_head.predictor
     names = [f"class {i}" for i in range(args.classes)]
     predictor.set_test_classes(names)
@@ -124,7 +130,7 @@ def worker(args) -> dict:
     batch = [{"image": image, "height": 512, "width": 683}]
     timer = StageTimer(device)
     instrument(model, timer)
-    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_model = peak_rss_gib()
     times, cpu, stages = [], [], []
     with torch.no_grad():
         for i in range(args.warmup + args.repeats):
@@ -141,28 +147,38 @@ def worker(args) -> dict:
                 stages.append(stage_seconds(timer.totals, times[-1]))
     median = statistics.median(times)
     stage = stages[times.index(median)] if len(times) % 2 else {k: statistics.median(s[k] for s in stages) for k in STAGES}
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else peak_rss_gib()
     return {"seconds": median, "all_seconds": times, "cpu_seconds": statistics.median(cpu), "peak_gib": peak, "weights_rss_gib": rss_model, "stages": stage}
 
 
-def run_config(args, repo: str, model: str, classes: int, repeats: int, text_classes: int = 0) -> dict:
-    """Runs `worker` in a fresh interpreter (own RSS, own import of `repo`)."""
-    cmd = [sys.executable, __file__, "--worker", "--repo", repo, "--model", model, "--classes", str(classes),
-           "--repeats", str(repeats), "--warmup", str(1 if repeats > 1 else 0), "--threads", str(args.threads),
-           "--device", args.device, "--text-classes", str(text_classes), "--opts", *args.opts]
-    limit = args.memory_limit_gib
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far, GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    def cap():  # keeps an out-of-memory configuration from starving the machine
-        if limit:
-            resource.setrlimit(resource.RLIMIT_AS, (int(limit * 2**30),) * 2)
+
+def run_isolated(cmd, repo: str, limit_gib: float = 0) -> dict:
+    """Runs `cmd` in a fresh interpreter with `repo` first on the path, under an address-space
+    cap of `limit_gib` (0: none; keeps an out-of-memory configuration from starving the
+    machine); returns its last JSON line, or {"error": ...}."""
+    def cap():
+        if limit_gib:
+            resource.setrlimit(resource.RLIMIT_AS, (int(limit_gib * 2**30),) * 2)
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap, cwd=repo,
                           env={**os.environ, "PYTHONPATH": repo})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": "out of memory" if "alloc" in tail.lower() or "memory" in tail.lower() else tail[-120:]}
+        return {"error": "out of memory" if "alloc" in tail.lower() or "memory" in tail.lower() else tail[-160:]}
     return json.loads(lines[-1])
+
+
+def run_config(args, repo: str, model: str, classes: int, repeats: int, text_classes: int = 0) -> dict:
+    """Runs `worker` in a fresh interpreter (own RSS, own import of `repo`). CUDA reserves more
+    address space than any sensible cap, so the cap applies on CPU only."""
+    cmd = [sys.executable, __file__, "--worker", "--repo", repo, "--model", model, "--classes", str(classes),
+           "--repeats", str(repeats), "--warmup", str(1 if repeats > 1 else 0), "--threads", str(args.threads),
+           "--device", args.device, "--text-classes", str(text_classes), "--opts", *args.opts]
+    return run_isolated(cmd, repo, args.memory_limit_gib if args.device == "cpu" else 0)
 
 
 def table(results) -> str:
@@ -210,7 +226,7 @@ def main():
                    help="run the first --repo only up to this K (0: always), e.g. a baseline that cannot fit large K")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--memory-limit-gib", type=float, default=14.0, help="address-space cap per configuration (0: none)")
+    p.add_argument("--memory-limit-gib", type=float, default=14.0, help="address-space cap per CPU configuration (0: none)")
     p.add_argument("--text-classes", type=int, default=1, help="classes encoded to time text encoding (0: skip)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--opts", nargs="*", default=[], help="extra config overrides KEY VALUE ...")
@@ -237,7 +253,7 @@ def main():
     if args.text_classes:
         for model in args.models:
             name, path = repos[-1]
-            text[model] = run_config(args, str(Path(path).resolve()), model, 1, 1, args.text_classes)
+            text[model] = run_config(args, str(Path(path).resolve()), model, args.text_classes, 1, args.text_classes)
     print(table(results))
     print("\nSeconds per image against K (least squares):\n" + slopes(results))
     print("\nCPU seconds per image against K (least squares):\n" + slopes(results, "cpu_seconds"))

@@ -28,25 +28,17 @@ warm-up when repeats > 1), `--threads` threads.
 """
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import MODELS, build  # noqa: E402  (sibling benchmark script)
+from inference import MODELS, build, peak_rss_gib, run_isolated  # noqa: E402  (sibling benchmark script)
 
 IMPLEMENTATIONS = ("official", "ours")
 OFFICIAL_MODULE = "cat_seg.modeling.transformer.model"
-
-
-def gib() -> float:
-    """Peak resident set size of this process so far, GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def official_kwargs(agg) -> dict:
@@ -125,7 +117,7 @@ def worker(args) -> dict:
         agg = ours
         text = text.unsqueeze(0).expand(views, -1, -1, -1)  # as our predictor does
     agg.eval()
-    before = gib()
+    before = peak_rss_gib()
     warmup = 1 if args.repeats > 1 else 0
     times = []
     with torch.inference_mode():
@@ -134,7 +126,7 @@ def worker(args) -> dict:
             out = agg(inputs["img_feats"], text, inputs["guidance"])
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    peak = gib()
+    peak = peak_rss_gib()
     torch.save(out, args.output)
     return {"seconds": statistics.median(times), "all_seconds": times, "peak_gib": peak, "before_gib": before,
             "shape": list(out.shape), "module": official.__file__ if args.impl == "official" else type(agg).__module__}
@@ -144,17 +136,7 @@ def run(args, extra, limit_gib: float = 0) -> dict:
     """This script in a fresh interpreter with `extra` arguments; its last JSON line, or an error."""
     cmd = [sys.executable, __file__, "--repo", args.repo, "--official", args.official, "--threads", str(args.threads),
            "--views", str(args.views), "--repeats", str(args.repeats), *extra, "--opts", *args.opts]
-
-    def cap():  # keeps an out-of-memory configuration from starving the machine
-        if limit_gib:
-            resource.setrlimit(resource.RLIMIT_AS, (int(limit_gib * 2**30),) * 2)
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap, cwd=args.repo,
-                          env={**os.environ, "PYTHONPATH": args.repo})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": "out of memory" if "alloc" in tail.lower() or "memory" in tail.lower() else tail[-160:]}
-    return json.loads(lines[-1])
+    return run_isolated(cmd, args.repo, limit_gib)
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
