@@ -6,9 +6,9 @@ from the timing: random unit-norm text features (T, P, C) are put in the predict
 cost of encoding is measured separately (seconds per class, all templates, empty text cache).
 
 Every (code version, model, K) runs in its own subprocess, so peak memory (CPU: ru_maxrss,
-weights included; CUDA: max allocated) belongs to that configuration alone, and two versions of the package never share an
-interpreter. A version is a repository path (`--repo name=PATH`): compare the working tree
-with the baseline tag checked out in a git worktree:
+weights included; CUDA: max allocated) belongs to that configuration alone, and two versions
+of the package never share an interpreter. A version is a repository path (`--repo
+name=PATH`): compare the working tree with the baseline tag checked out in a git worktree:
 
     git worktree add /tmp/catseg-baseline model-v1-baseline
     python benchmarks/inference.py --repo baseline=/tmp/catseg-baseline --repo current=.

@@ -114,13 +114,13 @@ def add_catseg_config(cfg):
     head.NUM_LAYERS = 4  # aggregator layers (spatial + class aggregation)
     head.NUM_HEADS = 4  # attention heads in the aggregator
     head.HIDDEN_DIMS = 128  # aggregator channels
-    head.POOLING_SIZES = [2, 2]  # average pooling before class aggregation (evaluation protocol: [1, 1])
+    head.POOLING_SIZES = [2, 2]  # pooling before class aggregation (inference: TEST.POOLING_SIZES when set)
     head.FEATURE_RESOLUTION = [24, 24]  # CLIP token grid (h, w) the aggregator works on
     head.WINDOW_SIZES = 12  # spatial aggregation window side
     head.ATTENTION_TYPE = "linear"  # class aggregation attention: "linear" or "full"
     head.CLASS_CHUNK_SIZE = 0  # classes per chunk in spatial blocks / decoder (0: from MEMORY_BUDGET_MB)
     head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
-    head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB: cache- and allocator-friendly, faster (0: off)
+    head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB (cache- and allocator-friendly; 0: off)
 
     # ---------------------------------------------------------------- inference
     cfg.TEST.POOLING_SIZES = []  # class-aggregation pooling at inference ([]: MODEL.SEM_SEG_HEAD.POOLING_SIZES)

@@ -77,7 +77,7 @@ def test_cpu_cap_shrinks_chunks_on_cpu_only(model, image, unchunked):
     assert (predict(model, image, sliding=True) - unchunked[1]).abs().max().item() <= TOL
 
 
-def test_847_classes_default_chunking_matches_unchunked():
+def test_847_classes_default_chunking_matches_unchunked(image):
     """ADE-847-sized vocabulary (random text features, whole image): the default chunking (1 GiB
     budget, 96 MB CPU cap) gives the one-chunk result."""
     model = make_model(opts=["MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1, 1]"]).eval()
@@ -87,7 +87,6 @@ def test_847_classes_default_chunking_matches_unchunked():
     width = predictor.clip_model.text_projection.shape[-1]
     text = torch.randn(847, len(predictor.prompt_templates), width, generator=torch.Generator().manual_seed(0))
     predictor._text_cache[tuple(names)] = torch.nn.functional.normalize(text, dim=-1)
-    image = torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(0)).float()
     configure(model, 847, 1e6)
     unchunked = predict(model, image)
     configure(model, 0, 1024, cpu_chunk_mb=96)

@@ -1,17 +1,14 @@
 """Two CPU processes (gloo, detectron2's launch): training runs and evaluates, and one-process
 and two-process evaluation of the same weights give identical metrics."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from train_helpers import REPO, mini_quickstart, quickstart_opts
+from train_helpers import mini_quickstart, quickstart_opts, run_train_net
 
 
 def _train_net(args):
-    proc = subprocess.run([sys.executable, "train_net.py", "--config-file", "configs/quickstart.yaml", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_train_net(["--config-file", "configs/quickstart.yaml", *args])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

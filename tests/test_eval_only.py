@@ -2,9 +2,6 @@
 dataset with a constructed prediction checked against a hand-computed confusion matrix, and
 the one-line error for a missing dataset folder."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,18 +9,16 @@ import torch
 from PIL import Image
 
 from catseg.modeling.meta_arch import CATSeg
-from train_helpers import REPO, import_train_net
+from train_helpers import REPO, import_train_net, run_train_net
 
 
-def _cli(args, env_root, tmp_path):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(env_root))
-    return subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def _cli(args, env_root):
+    return run_train_net(args, DETECTRON2_DATASETS=str(env_root))
 
 
 def test_missing_dataset_is_one_line(tmp_path):
     proc = _cli(["--config-file", "configs/tiny.yaml", "--eval-only", "MODEL.DEVICE", "cpu",
-                 "DATASETS.TEST", "('ade20k_150_test_sem_seg',)"], tmp_path / "empty", tmp_path)
+                 "DATASETS.TEST", "('ade20k_150_test_sem_seg',)"], tmp_path / "empty")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     last = lines[-1]
@@ -49,7 +44,7 @@ def test_ade150_miniature_end_to_end(tmp_path):
                  "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", "ade150.json",
                  "MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE", "single",
                  "TEST.SLIDING_WINDOW", "True", "MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1, 1]",
-                 "OUTPUT_DIR", str(out)], root, tmp_path)
+                 "OUTPUT_DIR", str(out)], root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics_eval.json").read_text())["sem_seg"]
     assert len([k for k in metrics if k.startswith("IoU-")]) == 150

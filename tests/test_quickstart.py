@@ -17,7 +17,7 @@ def _digest(folder):
     return hashlib.sha1(b"".join(p.read_bytes() for p in sorted(folder.rglob("*.png")))).hexdigest()
 
 
-def test_generator_is_deterministic_and_registers(tmp_path):
+def test_generator_is_deterministic_and_registers(tmp_path, registered_datasets):
     a = generate(str(tmp_path / "a"), counts={"train": 3, "val": 2}, size=48)
     b = generate(str(tmp_path / "b"), counts={"train": 3, "val": 2}, size=48)
     assert _digest(a) == _digest(b)
@@ -25,6 +25,7 @@ def test_generator_is_deterministic_and_registers(tmp_path):
     assert img.shape == (48, 48, 3) and label.max() < len(CLASSES)
     assert json.loads((a / "classes.json").read_text()) == CLASSES
     register_custom_dataset("qs_test_val", a / "images" / "val", a / "labels" / "val", a / "classes.json")
+    registered_datasets("qs_test_val")
     assert len(DatasetCatalog.get("qs_test_val")) == 2
     assert MetadataCatalog.get("qs_test_val").stuff_classes == CLASSES
 

@@ -1,5 +1,8 @@
 """Helpers for the training / evaluation tests: a miniature quick-start dataset and configs."""
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from catseg.data.quickstart import generate
@@ -29,8 +32,13 @@ def quickstart_opts(data: Path, out: Path, **solver):
 
 
 def quickstart_cfg(data: Path, out: Path, **solver):
-    cfg = make_cfg("quickstart.yaml", quickstart_opts(data, out, **solver))
-    return cfg
+    return make_cfg("quickstart.yaml", quickstart_opts(data, out, **solver))
+
+
+def run_train_net(args, **env) -> subprocess.CompletedProcess:
+    """`python train_net.py *args` in the repository, with extra environment variables."""
+    return subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=600)
 
 
 def import_train_net():

@@ -178,7 +178,8 @@ class SwinTransformerBlock(nn.Module):
         """x: (B * t, nW, N, C) class slices in window order (image-major); guidance:
         `guidance_terms` output or None. Returns (B * t, nW, N, C)."""
         x = residual(x, self.attn(self.norm1(x), guidance, self.attn_mask))
-        return residual(x, mlp(self.mlp.fc1, self.mlp.fc2, self.norm2(x), F.gelu, torch.ops.aten.gelu_))  # dropout rates are 0
+        hidden = self.norm2(x)  # timm Mlp without its dropouts (rates are 0)
+        return residual(x, mlp(self.mlp.fc1, self.mlp.fc2, hidden, F.gelu, torch.ops.aten.gelu_))
 
 
 class SwinTransformerBlockWrapper(nn.Module):

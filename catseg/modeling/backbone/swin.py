@@ -21,12 +21,13 @@ class FusedWindowAttention(WindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         """x: (nW * B, N, C) windows; mask: (nW, N, N) additive (0 / -100) or None. Returns (nW * B, N, C)."""
         windows, n, c = x.shape
-        q, k, v = self.qkv(x).view(windows, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (nW * B, heads, N, d)
+        qkv = self.qkv(x).view(windows, n, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (nW * B, heads, N, d)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, -1).permute(2, 0, 1).to(q.dtype)  # (heads, N, N)
         dropout = self.attn_drop.p if self.training else 0.0
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=dropout, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, bias.unsqueeze(0), dropout_p=dropout, scale=self.scale)
         else:
             nw = mask.shape[0]
             q, k, v = (t.unflatten(0, (-1, nw)) for t in (q, k, v))
