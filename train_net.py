@@ -12,24 +12,13 @@ import json
 import os
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
-from catseg import add_catseg_config
 from catseg.checkpoint import CATSegCheckpointer
+from catseg.config import load_config
 from catseg.data.datasets import DatasetNotFoundError
 from catseg.engine import CATSegTrainer, launch, prepare_datasets
-
-
-def load_config(args):
-    """The config of `args.config_file` + `args.opts`, over detectron2's and catseg's defaults."""
-    cfg = get_cfg()
-    add_catseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
 
 
 def evaluate(cfg, resume: bool = False):
@@ -37,7 +26,6 @@ def evaluate(cfg, resume: bool = False):
 
     Writes OUTPUT_DIR/metrics_eval.json on the main process; returns the metrics.
     """
-    prepare_datasets(cfg, cfg.DATASETS.TEST)
     model = CATSegTrainer.build_model(cfg)
     CATSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT).resume_or_load(
         cfg.MODEL.WEIGHTS, resume=resume)
@@ -50,7 +38,8 @@ def evaluate(cfg, resume: bool = False):
 
 
 def main(args):
-    cfg = load_config(args)
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
     default_setup(cfg, args)
     if args.eval_only:
         return evaluate(cfg, resume=args.resume)
@@ -61,7 +50,8 @@ def main(args):
 
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
-    cfg = load_config(args)
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
     try:  # fail before spawning processes or building models, with one line
         prepare_datasets(cfg, list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
     except DatasetNotFoundError as e:

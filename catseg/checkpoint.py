@@ -11,12 +11,11 @@ missing key, unexpected key and shape mismatch is reported together in one reada
 """
 import os
 import tempfile
-from collections import defaultdict
 from typing import Iterable, List, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from fvcore.common.checkpoint import _filter_reused_missing_keys
+from fvcore.common.checkpoint import _filter_reused_missing_keys, _group_checkpoint_keys, _group_to_str
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -43,14 +42,8 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
 
 
 def _group_keys(keys: Iterable[str], limit: int) -> List[str]:
-    """Keys grouped by parent module: "a.b.{weight, bias}"; at most `limit` lines."""
-    by_parent = defaultdict(list)
-    for key in sorted(keys):
-        parent, _, leaf = key.rpartition(".")
-        by_parent[parent].append(leaf)
-    lines = [f"{parent}.{{{', '.join(leaves)}}}" if parent and len(leaves) > 1
-             else (f"{parent}.{leaves[0]}" if parent else leaves[0])
-             for parent, leaves in by_parent.items()]
+    """Keys grouped by parent module (fvcore's grouping): "a.b.{bias, weight}"; at most `limit` lines."""
+    lines = [head + _group_to_str(leaves) for head, leaves in _group_checkpoint_keys(sorted(keys)).items()]
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more modules"]
     return lines

@@ -4,8 +4,23 @@ Official CAT-Seg key names are kept so that official config files load unchanged
 that the official code hard-codes (sliding-window geometry, CLIP and backbone input sizes)
 are new keys whose defaults are the official values.
 """
+from typing import Sequence, Union
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
+
+
+def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
+    """A catseg config from a YAML path (or a copy of a CfgNode), with KEY VALUE overrides."""
+    if isinstance(config, CN):
+        cfg = config.clone()
+    else:
+        cfg = get_cfg()
+        add_catseg_config(cfg)
+        cfg.merge_from_file(str(config))
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_catseg_config(cfg):

@@ -26,11 +26,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
 from .checkpoint import CATSegCheckpointer
-from .config import add_catseg_config
+from .config import load_config
 from .image_io import ImageInput, load_image
 from .vocabulary import clean_vocabulary
 
@@ -62,18 +62,6 @@ class Segmentation:
         """Ids of the classes that label at least one pixel, largest share first."""
         shares = self.pixel_shares()
         return sorted((i for i, s in enumerate(shares) if s > 0), key=lambda i: (-shares[i], i))
-
-
-def load_config(config: Union[str, CfgNode], opts: Sequence[str] = ()) -> CfgNode:
-    """A catseg config from a YAML path (or a copy of a CfgNode), with KEY VALUE overrides."""
-    if isinstance(config, CfgNode):
-        cfg = config.clone()
-    else:
-        cfg = get_cfg()
-        add_catseg_config(cfg)
-        cfg.merge_from_file(str(config))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 class OpenVocabPredictor:
