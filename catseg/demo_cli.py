@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from .image_io import IMAGE_EXTENSIONS, ImageReadError
 from .overlay import render_overlay
+from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, parse_vocabulary, read_vocabulary_file
 
 SCHEMA = "catseg-demo/1"
@@ -146,11 +147,8 @@ def summary_line(source: Path, record: dict, seconds: float, top: int = 4) -> st
 def choose_vocabulary(args) -> Optional[List[str]]:
     if args.vocab is not None:
         return parse_vocabulary(args.vocab)
-    if args.vocab_file:
-        return read_vocabulary_file(args.vocab_file)
-    if args.dataset_vocab:
-        return read_vocabulary_file(args.dataset_vocab)
-    return None
+    spec = args.vocab_file or args.dataset_vocab
+    return read_vocabulary_file(spec) if spec else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -180,8 +178,6 @@ def run(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 1
-
-    from .predictor import OpenVocabPredictor  # heavy imports after argument checks
 
     predictor = OpenVocabPredictor(config, opts=args.opts, batch_size=args.batch_size)
     weights = predictor.cfg.MODEL.WEIGHTS

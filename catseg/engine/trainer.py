@@ -8,7 +8,7 @@ Differences from DefaultTrainer:
   augmentations the uninterrupted run would have seen;
 - every iteration seeds torch's RNG (drop path, ...) from (data seed, iteration, rank), and the
   data seed is saved in checkpoints, so resumed weights equal uninterrupted ones;
-- DDP without device_ids on CPU (gloo processes started by detectron2's `launch`);
+- DDP without device_ids on CPU (gloo processes started by `catseg.engine.launch`);
 - checkpoints through `CATSegCheckpointer` (atomic saves, one mismatch report, strict option);
 - evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
   that each dataset's folders exist.

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 import warnings
 import weakref
 from pathlib import Path
@@ -173,7 +172,7 @@ class CachedTextEncoder:
     """CATSegPredictor's `text_encoder` hook: (clip_model, tokenizer, names, templates) -> (T, P, C).
 
     Looks the embeddings up in the disk cache; on a miss encodes them (length-sorted,
-    EOT-bounded) and stores them. `last_hit` / `last_seconds` describe the latest call.
+    EOT-bounded) and stores them. `last_hit` tells whether the latest call was a cache hit.
     """
 
     def __init__(self, cache_dir=None, enabled: bool = True, batch_size: int = 512, eot_bounded: bool = True):
@@ -181,7 +180,6 @@ class CachedTextEncoder:
         self.batch_size = batch_size
         self.eot_bounded = eot_bounded
         self.last_hit: Optional[bool] = None
-        self.last_seconds: Optional[float] = None
 
     @classmethod
     def from_config(cls, cfg) -> "CachedTextEncoder":
@@ -195,7 +193,6 @@ class CachedTextEncoder:
 
     def __call__(self, clip_model: nn.Module, tokenizer, class_names: Sequence[str],
                  templates: Sequence[str]) -> torch.Tensor:
-        start = time.perf_counter()
         key = cache_key(clip_model, tokenizer, class_names, templates, self.config) if self.cache is not None else None
         entry = self.cache.load(key) if self.cache is not None else None
         self.last_hit = entry is not None
@@ -206,5 +203,4 @@ class CachedTextEncoder:
             if self.cache is not None:
                 self.cache.save(key, emb, entry["truncated"])
         warn_truncated(entry["truncated"], getattr(tokenizer, "context_length", 77))
-        self.last_seconds = time.perf_counter() - start
         return entry["embeddings"]
