@@ -26,9 +26,9 @@ def predict(model, image, sliding=False):
 
 
 def configure(model, class_chunk, budget_mb, cpu_chunk_mb=0):
-    agg = model.sem_seg_head.predictor.transformer
-    agg.class_chunk_size, agg.memory_budget_mb, model.memory_budget_mb = class_chunk, budget_mb, budget_mb
-    agg.cpu_chunk_mb = model.cpu_chunk_mb = cpu_chunk_mb
+    """Set the model's one ChunkBudget (shared by the aggregator and the sliding-window merge)."""
+    assert model.sem_seg_head.predictor.transformer.budget is model.budget
+    model.budget.class_chunk, model.budget.memory_mb, model.budget.cpu_mb = class_chunk, budget_mb, cpu_chunk_mb
 
 
 @pytest.fixture(scope="module")

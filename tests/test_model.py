@@ -60,8 +60,8 @@ def test_visual_prompts():
     assert trainable_clip_params(model) == {"visual.transformer.prompt_tokens"}
     image = {"image": torch.randint(0, 255, (3, 96, 128), generator=torch.Generator().manual_seed(0)).float()}
     with torch.no_grad():
-        tokens = clip.encode_image_dense(model.sem_seg_head.predictor.clip_model, torch.randn(1, 3, 384, 384))
-        assert tokens.shape == (1, 1 + 24 * 24, 64)  # prompt tokens are dropped after the last block
+        dense = model.clip_encoder(torch.randn(1, 3, 384, 384))["dense"]
+        assert dense.shape == (1, 64, 24, 24)  # prompt tokens are dropped after the last block
         before = model([image])[0]["sem_seg"]
         prompts.add_(torch.randn_like(prompts))
         after = model([image])[0]["sem_seg"]

@@ -2,38 +2,79 @@
 the per-window masked attention of the shifted-window blocks (aggregator and Swin backbone).
 
 The sequence runs along dim -2 (the T classes) and every leading dim is a batch dim, so a
-(B, M, T, C) chunk attends across classes at each of its M positions. Both functions take
-queries / keys / values of shape (..., L, C) with C = heads * D and return (..., L, C).
+(B, M, T, C) chunk attends across classes at each of its M positions. The attention functions
+take queries / keys / values of shape (..., L, C) with C = heads * D and return (..., L, C).
+`linear_attention` and `full_attention` are the fast forms; `linear_attention_plain` and
+`full_attention_plain` compute the same in the official order (per head, explicit products).
+
+Class padding (CVPR'24): the sequence is extended by `count` copies of one extra token (key
+`k_extra`, value `v_extra`, shape (C,)). Every copy is the same, so in linear attention their
+contribution to the key / value sums is one rank-1 term, and their own outputs are not needed.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float = 1e-6) -> torch.Tensor:
+class ExtraTokens(NamedTuple):
+    """`count` copies of one token appended to every sequence: its key and value, (C,) each."""
+
+    count: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float = 1e-6,
+                     extra: Optional[ExtraTokens] = None) -> torch.Tensor:
     """Linear attention with the elu(x) + 1 feature map ("Transformers are RNNs"), per head.
 
     Values are divided by the sequence length before the products and multiplied back after
     (keeps fp16 in range; kept for exactness with released checkpoints). The per-head (D, D)
     key-value summaries are the diagonal blocks of one (C, C) product, so every product is a
-    plain batched matrix product over the leading dims, without moving the heads.
+    plain batched matrix product over the leading dims, without moving the heads. `extra`
+    tokens enter the sums and the length as a rank-1 term; only the L real outputs are returned.
     """
     q = F.elu(q) + 1
     k = F.elu(k) + 1
     length, c = v.shape[-2:]
+    length += extra.count if extra is not None else 0
     same_head = torch.block_diag(*[q.new_ones(c // heads, c // heads)] * heads)  # (C, C)
-    kv = torch.matmul(k.transpose(-1, -2), v / length).mul_(same_head)  # (..., C, C)
-    z = (q * k.sum(dim=-2, keepdim=True)).unflatten(-1, (heads, -1)).sum(-1).add_(eps).reciprocal_()  # (..., L, heads)
+    kv = torch.matmul(k.transpose(-1, -2), v / length)  # (..., C, C)
+    k_sum = k.sum(dim=-2, keepdim=True)  # (..., 1, C)
+    if extra is not None:
+        k_extra = F.elu(extra.k) + 1
+        kv = kv + extra.count * torch.outer(k_extra, extra.v / length)
+        k_sum = k_sum + extra.count * k_extra
+    kv = kv.mul_(same_head)
+    z = (q * k_sum).unflatten(-1, (heads, -1)).sum(-1).add_(eps).reciprocal_()  # (..., L, heads)
     out = torch.matmul(q, kv).unflatten(-1, (heads, -1))
     return out.mul_((z * length).unsqueeze(-1)).flatten(-2)
 
 
+def linear_attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                           eps: float = 1e-6) -> torch.Tensor:
+    """`linear_attention` in the official order: heads split, per-head einsum products."""
+    q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))  # (..., L, heads, D)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    length = v.shape[-3]
+    kv = torch.einsum("...shd,...shm->...hmd", k, v / length)
+    z = 1 / (torch.einsum("...lhd,...hd->...lh", q, k.sum(dim=-3)) + eps)
+    return (torch.einsum("...lhd,...hmd,...lh->...lhm", q, kv, z) * length).flatten(-2)
+
+
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Softmax attention per head, scale 1 / sqrt(D)."""
+    """Softmax attention per head, scale 1 / sqrt(D), through the fused kernel."""
     split = lambda t: t.unflatten(-1, (heads, -1)).transpose(-3, -2)  # noqa: E731  (..., heads, L, D)
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(-3, -2).flatten(-2)
+
+
+def full_attention_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """`full_attention` as explicit softmax(q k^T / sqrt(D)) v per head."""
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(-3, -2) for t in (q, k, v))  # (..., heads, L, D)
+    weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    return (weights @ v).transpose(-3, -2).flatten(-2)
 
 
 def per_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
@@ -50,15 +91,16 @@ def per_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
 
 ATTENTION_FUNCTIONS = {"linear": linear_attention, "full": full_attention}
+PLAIN_ATTENTION_FUNCTIONS = {"linear": linear_attention_plain, "full": full_attention_plain}
 
 
 class AttentionLayer(nn.Module):
     """Multi-head attention whose queries and keys also see a guidance vector.
 
-    q, k = Linear([x, guidance]); v = Linear(x). The guidance depends on the sequence element
-    only (one vector per class), so its half of the q / k projections is computed once per
-    element (`qk_bias`) and broadcast over the positions, from the same parameters split at use
-    time.
+    q, k = Linear([x, guidance]); v = Linear(x). Fused path (`fused`): the guidance depends on
+    the sequence element only (one vector per class), so its half of the q / k projections is
+    computed once per element (`qk_bias`) and broadcast over the positions, from the same
+    parameters split at use time. Plain path (`forward_plain`): the concatenation, as written.
     """
 
     def __init__(self, hidden_dim: int, guidance_dim: int, nheads: int = 8, attention_type: str = "linear"):
@@ -66,10 +108,10 @@ class AttentionLayer(nn.Module):
         if attention_type not in ATTENTION_FUNCTIONS:
             raise ValueError(f"ATTENTION_TYPE {attention_type!r}: expected one of {sorted(ATTENTION_FUNCTIONS)}")
         self.nheads = nheads
+        self.attention_type = attention_type
         self.q = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
-        self.attend = ATTENTION_FUNCTIONS[attention_type]
 
     def qk_bias(self, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """(..., L, G) guidance or None -> (..., L, 2C) (or (2C,)): bias plus guidance half of [q, k]."""
@@ -79,10 +121,23 @@ class AttentionLayer(nn.Module):
             return bias
         return F.linear(guidance, torch.cat([self.q.weight[:, c:], self.k.weight[:, c:]]), bias)
 
-    def forward(self, x: torch.Tensor, qk_bias: torch.Tensor) -> torch.Tensor:
-        """x: (..., L, C), attention along L; qk_bias: `qk_bias` output, broadcastable to
-        (..., L, 2C). Returns (..., L, C)."""
+    def extra_tokens(self, count: int, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> ExtraTokens:
+        """`count` copies of the normalised token x (C,) with guidance (G,) or None: their key and value."""
+        xg = x if guidance is None else torch.cat([x, guidance])
+        return ExtraTokens(count, self.k(xg), self.v(x))
+
+    def forward(self, x: torch.Tensor, qk_bias: torch.Tensor, extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+        """Fused path. x: (..., L, C), attention along L; qk_bias: `qk_bias` output,
+        broadcastable to (..., L, 2C); extra: appended tokens (linear attention only).
+        Returns (..., L, C)."""
         c = x.shape[-1]
         qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]))
         qk = qk.add_(qk_bias)  # in place: the linear map's backward does not need its output
-        return self.attend(qk[..., :c], qk[..., c:], self.v(x), self.nheads)
+        if extra is not None:
+            return linear_attention(qk[..., :c], qk[..., c:], self.v(x), self.nheads, extra=extra)
+        return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], self.v(x), self.nheads)
+
+    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        """Plain path. x: (..., L, C); guidance: (..., L, G) or None. Returns (..., L, C)."""
+        xg = x if guidance is None else torch.cat([x, guidance], dim=-1)
+        return PLAIN_ATTENTION_FUNCTIONS[self.attention_type](self.q(xg), self.k(xg), self.v(x), self.nheads)

@@ -1,23 +1,18 @@
-"""CLIP through open_clip: model selection, dense image features, text embeddings, fine-tuning.
+"""CLIP through open_clip: model selection and weights, prompt templates, class text embeddings.
 
-The CLIP module is a plain open_clip ``CLIP`` (OpenAI key layout), so official CAT-Seg
-checkpoints load into it unchanged. Functions here take that module as their first argument.
+The dense image pass, the release options and fine-tuning live in `clip_encoder.py`.
 
 Notation: B images, T classes, P prompt templates, C embedding channels, h x w patch grid.
 """
 import logging
-import math
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
-
-from . import inplace
 
 logger = logging.getLogger(__name__)
 
@@ -106,123 +101,10 @@ def build_clip(pretrained: str, model_override: str = "", weights: str = "pretra
     return model.float(), open_clip.get_tokenizer(arch)
 
 
-def add_visual_prompts(clip_model: nn.Module, depth: int, length: int) -> None:
-    """Register `visual.transformer.prompt_tokens` (depth, length, width), Xavier-uniform."""
-    if depth <= 0 or length <= 0:
-        return
-    width = clip_model.visual.transformer.width
-    prompts = torch.empty(depth, length, width)
-    nn.init.xavier_uniform_(prompts)
-    clip_model.visual.transformer.prompt_tokens = nn.Parameter(prompts)
+# TEXT_SYNONYMS: how a class name listing synonyms ("sky, heaven") becomes one embedding.
+SYNONYM_MODES = ("average", "first")
 
 
-def set_finetune(clip_model: nn.Module, mode: str) -> None:
-    """Set requires_grad per CLIP_FINETUNE; the text tower is always frozen.
-
-    "attention": visual parameters whose name contains "attn" or "position";
-    "full": the whole visual tower; "prompt": visual prompt tokens only; else frozen.
-    """
-    rules = {
-        "attention": lambda n: "attn" in n or "position" in n,
-        "full": lambda n: True,
-        "prompt": lambda n: "prompt" in n,
-    }
-    rule = rules.get(mode, lambda n: False)
-    for name, param in clip_model.named_parameters():
-        param.requires_grad = name.startswith("visual.") and rule(name)
-
-
-def resize_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """Resize CLIP's (1 + s*s, C) positional embedding to a (1 + h*w, C) one.
-
-    The class position is kept; the square patch grid is resized with bicubic interpolation
-    (align_corners=False). Returned unchanged when the grid already matches.
-    """
-    side = int(math.sqrt(pos.shape[0] - 1))
-    if (side, side) == tuple(grid):
-        return pos
-    patch = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], patch.flatten(2).squeeze(0).t()], dim=0)
-
-
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """open_clip's c_fc -> activation -> c_proj; QuickGELU / GELU run in place without autograd."""
-    if not hasattr(mlp, "c_fc"):
-        return mlp(x)
-    act = mlp.gelu
-    if type(act) is QuickGELU:
-        act_ = inplace.quick_gelu_
-    elif type(act) is nn.GELU and act.approximate == "none":
-        act_ = torch.ops.aten.gelu_
-    else:
-        act_ = act
-    return inplace.mlp(mlp.c_fc, mlp.c_proj, x, act, act_)
-
-
-def _fusable(block: nn.Module) -> bool:
-    """Whether `_block` computes exactly what this open_clip block's own forward computes."""
-    attn = getattr(block, "attn", None)
-    return (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
-            and attn.in_proj_bias is not None and attn.dropout == 0.0
-            and isinstance(getattr(block, "ln_attn", nn.Identity()), nn.Identity))
-
-
-def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One open_clip ResidualAttentionBlock on (B, N, C) tokens, attention through the fused
-    `scaled_dot_product_attention`; blocks of other layouts run their own forward."""
-    if not _fusable(block):
-        return block(x)
-    attn = block.attn
-    b, n, c = x.shape
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-    x = x + block.ls_1(attn.out_proj(out))
-    return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
-
-
-def _value_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The dense last block: attention reduced to out_proj(value projection of ln_1(x))."""
-    attn = block.attn
-    width = x.shape[-1]
-    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
-    x = x + block.ls_1(attn.out_proj(v))
-    return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
-
-
-def encode_image_dense(clip_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Dense CLIP image features.
-
-    Args:
-        images: (B, 3, H, W), CLIP-normalised.
-    Returns:
-        (B, 1 + h*w, C): class token then the h x w patch tokens, after ln_post and proj.
-    """
-    visual = clip_model.visual
-    x = visual.conv1(images)  # (B, width, h, w)
-    grid = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1)
-    x = x + resize_positional_embedding(visual.positional_embedding, tuple(grid)).to(x.dtype)
-    x = visual.ln_pre(x)
-
-    prompts = getattr(visual.transformer, "prompt_tokens", None)
-    blocks = visual.transformer.resblocks
-    n_prompt = 0
-    for i, block in enumerate(blocks):
-        if prompts is not None and i < prompts.shape[0]:
-            p = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], p, x[:, 1 + n_prompt:]], dim=1)
-            n_prompt = p.shape[1]
-        x = _value_only_block(block, x) if i == len(blocks) - 1 else _block(block, x)
-    if n_prompt:
-        x = torch.cat([x[:, :1], x[:, 1 + n_prompt:]], dim=1)
-    return visual.ln_post(x) @ visual.proj
-
-
-@torch.no_grad()
 def class_embeddings(
     clip_model: nn.Module,
     tokenizer,
@@ -230,20 +112,25 @@ def class_embeddings(
     templates: Sequence[str],
     batch_size: int = 1024,
     encode_fn=None,
+    synonyms: str = "average",
 ) -> torch.Tensor:
-    """Text embeddings of every (class, template) pair.
+    """Text embeddings of every (class, template) pair (differentiable; callers that need no
+    gradients wrap it in no_grad).
 
-    A name containing ", " lists synonyms: their embeddings are L2-normalised, averaged per
-    template and normalised again.
+    A name containing ", " lists synonyms. "average" (v1): their embeddings are L2-normalised,
+    averaged per template and normalised again; "first" (CVPR'24): only the first synonym is used.
     Returns:
         (T, P, C) L2-normalised embeddings.
     """
+    if synonyms not in SYNONYM_MODES:
+        raise ValueError(f"TEXT_SYNONYMS {synonyms!r}: expected one of {SYNONYM_MODES}")
     encode_fn = encode_fn or (lambda tokens: clip_model.encode_text(tokens))
     texts, owners = [], []
-    for t, name in enumerate(class_names):
-        synonyms = name.split(", ")
-        texts.extend(template.format(s) for template in templates for s in synonyms)
-        owners.append(len(synonyms))
+    for name in class_names:
+        names = name.split(", ")
+        names = names[:1] if synonyms == "first" else names
+        texts.extend(template.format(s) for template in templates for s in names)
+        owners.append(len(names))
     device = next(clip_model.parameters()).device
     feats = []
     for start in range(0, len(texts), batch_size):

@@ -1,54 +1,67 @@
 """CATSegHead (detectron2 SEM_SEG_HEADS_REGISTRY) and its predictor.
 
-The predictor owns the CLIP model (`clip_model`) and the aggregator (`transformer`); these
-names give the official state_dict keys `sem_seg_head.predictor.{clip_model,transformer}.*`.
+The predictor owns the dense CLIP encoder (`clip_model`) and the aggregator (`transformer`);
+these names give the official state_dict keys `sem_seg_head.predictor.{clip_model,transformer}.*`.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
-from einops import rearrange
 from torch import nn
 
 from ..data.class_names import load_class_names
 from . import clip
 from .aggregator import Aggregator
-from .text_cache import CachedTextEncoder
+from .chunking import ChunkBudget
+from .clip_encoder import DenseCLIPEncoder
+from .text_cache import CachedTextEncoder, text_tower_fingerprint
+from .text_encoder import class_text_embeddings
 
 
-def guidance_dims(cfg, input_shape: Dict[str, ShapeSpec]):
-    """Appearance / decoder guidance channels: the config's, or derived from the backbone.
-
-    The aggregator takes backbone features deepest first: the deepest one is the appearance
-    guidance, the next two feed the decoder. APPEARANCE_GUIDANCE_DIM 0 or empty
-    DECODER_GUIDANCE_DIMS mean "derive from backbone.output_shape()".
-    """
+def build_clip_encoder(cfg) -> Tuple[DenseCLIPEncoder, object]:
+    """The DenseCLIPEncoder of MODEL.SEM_SEG_HEAD (weights, release options, prompts,
+    fine-tuning) and its tokenizer."""
     head = cfg.MODEL.SEM_SEG_HEAD
-    by_depth = [s.channels for _, s in sorted(input_shape.items(), key=lambda kv: -kv[1].stride)]
-    appearance = head.APPEARANCE_GUIDANCE_DIM or by_depth[0]
-    decoder = list(head.DECODER_GUIDANCE_DIMS) or by_depth[1:3]
-    return appearance, decoder
+    model, tokenizer = clip.build_clip(head.CLIP_PRETRAINED, head.CLIP_MODEL, head.CLIP_WEIGHTS, head.CLIP_RANDOM_SEED)
+    encoder = DenseCLIPEncoder(model, dense_block=head.CLIP_DENSE_BLOCK, attn_weights=head.CLIP_ATTN_WEIGHTS)
+    encoder.add_visual_prompts(head.PROMPT_DEPTH, head.PROMPT_LENGTH)
+    encoder.set_finetune(head.CLIP_FINETUNE)
+    return encoder, tokenizer
+
+
+def derived(name: str, configured, actual):
+    """`actual`, after checking that a configured value (0 / empty: not set) agrees with it."""
+    if isinstance(actual, (list, tuple)):
+        configured, actual = list(configured), list(actual)
+    if configured in (0, None, []):
+        return actual
+    if configured != actual:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.{name} is {configured} but the built model has {actual} "
+                         "(leave it unset to derive it)")
+    return actual
 
 
 class CATSegPredictor(nn.Module):
-    """CLIP + text embeddings + Aggregator.
+    """CLIP encoder + text embeddings + Aggregator.
 
-    Text embeddings are computed once per (class list, template set) and cached; loading new
-    weights clears the cache.
+    Text embeddings: while training with a trainable text tower (CVPR'24), recomputed with
+    gradients on every call; otherwise computed once per class list and cached (in memory,
+    and on disk through `text_encoder`), keyed also by the text tower's weights when they can
+    change; loading new weights clears the cache.
     """
 
     def __init__(
         self,
         *,
-        clip_model: nn.Module,
+        clip_model: DenseCLIPEncoder,
         tokenizer,
         prompt_templates: Sequence[str],
         train_class_names: Sequence[str],
         test_class_names: Sequence[str],
         aggregator: Aggregator,
-        text_encoder=None,
+        text_encoder: Optional[CachedTextEncoder] = None,
+        synonyms: str = "average",
     ):
         super().__init__()
         self.clip_model = clip_model
@@ -58,6 +71,7 @@ class CATSegPredictor(nn.Module):
         self.train_class_names = list(train_class_names)
         self.test_class_names = list(test_class_names)
         self.text_encoder = text_encoder
+        self.synonyms = synonyms
         self._text_cache: Dict[tuple, torch.Tensor] = {}
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self._text_cache.clear())
 
@@ -73,79 +87,92 @@ class CATSegPredictor(nn.Module):
     def text_features(self, class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
         """(T, P, C) L2-normalised text embeddings of `class_names` (default: current mode's)."""
         names = tuple(class_names if class_names is not None else self.class_names)
+        trainable = self.clip_model.text_trainable
+        if self.training and trainable and torch.is_grad_enabled():
+            return class_text_embeddings(self.clip_model, self.tokenizer, names, self.prompt_templates,
+                                         synonyms=self.synonyms)
         device = self.transformer.conv1.weight.device
-        cached = self._text_cache.get(names)
+        key = (names, text_tower_fingerprint(self.clip_model)) if trainable else names
+        cached = self._text_cache.get(key)
         if cached is None or cached.device != device:
             if self.text_encoder is not None:
                 cached = self.text_encoder(self.clip_model, self.tokenizer, names, self.prompt_templates)
             else:
-                cached = clip.class_embeddings(self.clip_model, self.tokenizer, names, self.prompt_templates)
+                with torch.no_grad():
+                    cached = class_text_embeddings(self.clip_model, self.tokenizer, names, self.prompt_templates,
+                                                   synonyms=self.synonyms)
             cached = cached.to(device)
-            self._text_cache[names] = cached
+            if trainable:  # entries of older weights are stale
+                self._text_cache.clear()
+            self._text_cache[key] = cached
         return cached
 
-    def forward(self, img_feats: torch.Tensor, guidance: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """img_feats: (B, C, H, W); guidance: backbone features by name. Returns (B, T, 4H, 4W) logits."""
-        vis = [guidance[k] for k in guidance][::-1]
-        text = self.text_features().unsqueeze(0).expand(img_feats.shape[0], -1, -1, -1)
-        return self.transformer(img_feats, text, vis)
+    def forward(self, img_feats: torch.Tensor, guidance: Sequence[torch.Tensor]) -> torch.Tensor:
+        """img_feats: (B, C, H, W) dense CLIP features; guidance: deepest first (see Aggregator).
+        Returns (B, T, 4H, 4W) logits."""
+        text = self.text_features()
+        text = text.unsqueeze(0).expand(img_feats.shape[0], *text.shape)
+        return self.transformer(img_feats, text, guidance)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class CATSegHead(nn.Module):
-    """Reshapes dense CLIP tokens to a grid and runs the predictor."""
+    """Text embeddings and cost aggregation over dense CLIP features and guidance maps."""
 
     @configurable
-    def __init__(self, *, feature_resolution: Sequence[int], ignore_value: int, predictor: CATSegPredictor):
+    def __init__(self, *, ignore_value: int, predictor: CATSegPredictor):
         super().__init__()
-        self.feature_resolution = tuple(feature_resolution)
         self.ignore_value = ignore_value
         self.predictor = predictor
 
     @classmethod
-    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+    def from_config(cls, cfg, clip_encoder: DenseCLIPEncoder, tokenizer, guidance_channels: Sequence[int],
+                    clip_resolution: Sequence[int], budget: ChunkBudget):
+        """Aggregator sizes that the built modules determine are derived (a configured value must
+        agree): FEATURE_RESOLUTION = the CLIP grid at `clip_resolution`, TEXT_GUIDANCE_DIM = the
+        CLIP embedding size, APPEARANCE_GUIDANCE_DIM / DECODER_GUIDANCE_DIMS = the guidance
+        source's channels (deepest first)."""
         head = cfg.MODEL.SEM_SEG_HEAD
-        clip_model, tokenizer = clip.build_clip(head.CLIP_PRETRAINED, head.CLIP_MODEL, head.CLIP_WEIGHTS,
-                                                head.CLIP_RANDOM_SEED)
-        clip.add_visual_prompts(clip_model, head.PROMPT_DEPTH, head.PROMPT_LENGTH)
-        clip.set_finetune(clip_model, head.CLIP_FINETUNE)
         templates = clip.prompt_templates(head.PROMPT_ENSEMBLE_TYPE)
-        appearance_dim, decoder_dims = guidance_dims(cfg, input_shape)
+        grid = derived("FEATURE_RESOLUTION", list(head.FEATURE_RESOLUTION), list(clip_encoder.grid(clip_resolution)))
         aggregator = Aggregator(
-            text_guidance_dim=head.TEXT_GUIDANCE_DIM,
+            text_guidance_dim=derived("TEXT_GUIDANCE_DIM", head.TEXT_GUIDANCE_DIM, clip_encoder.embed_dim),
             text_guidance_proj_dim=head.TEXT_GUIDANCE_PROJ_DIM,
-            appearance_guidance_dim=appearance_dim,
+            appearance_guidance_dim=derived("APPEARANCE_GUIDANCE_DIM", head.APPEARANCE_GUIDANCE_DIM,
+                                            guidance_channels[0]),
             appearance_guidance_proj_dim=head.APPEARANCE_GUIDANCE_PROJ_DIM,
             decoder_dims=head.DECODER_DIMS,
-            decoder_guidance_dims=decoder_dims,
+            decoder_guidance_dims=derived("DECODER_GUIDANCE_DIMS", list(head.DECODER_GUIDANCE_DIMS),
+                                          list(guidance_channels[1:3])),
             decoder_guidance_proj_dims=head.DECODER_GUIDANCE_PROJ_DIMS,
             num_layers=head.NUM_LAYERS,
             nheads=head.NUM_HEADS,
             hidden_dim=head.HIDDEN_DIMS,
             pooling_size=head.POOLING_SIZES,
             test_pooling_size=cfg.TEST.POOLING_SIZES,
-            feature_resolution=head.FEATURE_RESOLUTION,
+            feature_resolution=grid,
             window_size=head.WINDOW_SIZES,
             attention_type=head.ATTENTION_TYPE,
             prompt_channel=len(templates),
-            class_chunk_size=head.CLASS_CHUNK_SIZE,
-            memory_budget_mb=head.MEMORY_BUDGET_MB,
-            cpu_chunk_mb=head.CPU_CHUNK_MB,
+            pad_length=head.CLASS_PAD_LENGTH,
+            budget=budget,
         )
         predictor = CATSegPredictor(
-            clip_model=clip_model,
+            clip_model=clip_encoder,
             tokenizer=tokenizer,
             prompt_templates=templates,
             train_class_names=load_class_names(head.TRAIN_CLASS_JSON),
             test_class_names=load_class_names(head.TEST_CLASS_JSON),
             aggregator=aggregator,
             text_encoder=CachedTextEncoder.from_config(cfg),
+            synonyms=head.TEXT_SYNONYMS,
         )
-        return {"feature_resolution": head.FEATURE_RESOLUTION, "ignore_value": head.IGNORE_VALUE,
-                "predictor": predictor}
+        return {"ignore_value": head.IGNORE_VALUE, "predictor": predictor}
 
-    def forward(self, clip_tokens: torch.Tensor, guidance: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """clip_tokens: (B, 1 + H*W, C) dense CLIP output (class token first). Returns (B, T, 4H, 4W)."""
-        h, w = self.feature_resolution
-        img_feats = rearrange(clip_tokens[:, 1:], "b (h w) c -> b c h w", h=h, w=w)
+    @property
+    def clip_encoder(self) -> DenseCLIPEncoder:
+        return self.predictor.clip_model
+
+    def forward(self, img_feats: torch.Tensor, guidance: Sequence[torch.Tensor]) -> torch.Tensor:
+        """img_feats: (B, C, H, W) dense CLIP features; guidance: deepest first. Returns (B, T, 4H, 4W)."""
         return self.predictor(img_feats, guidance)

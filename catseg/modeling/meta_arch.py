@@ -1,23 +1,32 @@
-"""CATSeg meta-architecture: normalisation, CLIP + guidance backbone, loss, inference.
+"""CATSeg meta-architecture: normalisation, dense CLIP features, guidance, loss, inference.
+
+Data flow (`run_network`): CLIP-normalised views -> DenseCLIPEncoder (dense features and the
+intermediate block outputs the guidance source asks for) -> guidance source (a detectron2
+backbone on the backbone-normalised views, v1; or CLIP's own features, CVPR'24) -> CATSegHead
+(text embeddings, Aggregator) -> logits. The meta-architecture does not know which release it
+runs: that is the config's choice of encoder options, guidance source and aggregator options.
 
 Inference pads and post-processes every image on its own (official parity is defined per
 image), so a batch gives each image exactly what it gets alone; the network itself still runs
 on the whole batch at once, since every view is resized to fixed CLIP / backbone resolutions.
 """
 from contextlib import nullcontext
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from einops import rearrange
 from torch import nn
 
-from .aggregator import chunk_budget_mb, chunk_size, over_chunks
-from .clip import default_clip_resolution, encode_image_dense
+from .chunking import ChunkBudget, over_chunks, sliding_merge_bytes_per_class
+from .clip import default_clip_resolution
+from .clip_encoder import DenseCLIPEncoder
+from .guidance import build_guidance
+from .head import build_clip_encoder
 
 
 def pad_to_multiple(image: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -75,7 +84,7 @@ class CATSeg(nn.Module):
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        guidance: nn.Module,
         sem_seg_head: nn.Module,
         size_divisibility: int,
         pixel_mean: Sequence[float],
@@ -88,13 +97,21 @@ class CATSeg(nn.Module):
         sliding_kernel: int,
         sliding_overlap: float,
         sliding_out_res: Tuple[int, int],
-        memory_budget_mb: float = 1024,
-        cpu_chunk_mb: float = 0,
+        budget: Optional[ChunkBudget] = None,
         bf16: bool = False,
     ):
+        """`guidance` is a guidance source (see guidance.py). Its modules are registered here under
+        their own names, which are the official top-level keys (`backbone.*` before the head, as
+        in v1 checkpoints; `upsample1.*` / `upsample2.*` after it, as in CVPR'24 ones); the
+        source itself is kept as a plain attribute."""
         super().__init__()
-        self.backbone = backbone
+        before_head = guidance.needs_image
+        if before_head:
+            self._register_children(guidance)
         self.sem_seg_head = sem_seg_head
+        if not before_head:
+            self._register_children(guidance)
+        object.__setattr__(self, "guidance", guidance)
         self.size_divisibility = size_divisibility
         self.clip_resolution = tuple(clip_resolution)
         self.backbone_resolution = tuple(backbone_resolution)
@@ -102,35 +119,41 @@ class CATSeg(nn.Module):
         self.sliding_kernel = sliding_kernel
         self.sliding_stride = int(sliding_kernel * (1 - sliding_overlap))
         self.sliding_out_res = tuple(sliding_out_res)
-        self.memory_budget_mb = memory_budget_mb
-        self.cpu_chunk_mb = cpu_chunk_mb
+        self.budget = budget or ChunkBudget()
         self.bf16 = bf16
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
             self.register_buffer(name, torch.tensor(value).view(-1, 1, 1), persistent=False)
 
+    def _register_children(self, component: nn.Module) -> None:
+        for name, module in component.named_children():
+            self.add_module(name, module)
+
     @classmethod
     def from_config(cls, cfg):
-        backbone = build_backbone(cfg)
-        if cfg.SOLVER.BACKBONE_MULTIPLIER == 0:
-            backbone.requires_grad_(False)
         head = cfg.MODEL.SEM_SEG_HEAD
+        clip_resolution = tuple(head.CLIP_RESOLUTION) or default_clip_resolution(head.CLIP_PRETRAINED)
+        encoder, tokenizer = build_clip_encoder(cfg)
+        guidance = build_guidance(cfg, encoder.width, encoder.embed_dim, encoder.num_blocks)
+        budget = ChunkBudget.from_config(cfg)
+        sem_seg_head = SEM_SEG_HEADS_REGISTRY.get(head.NAME)(
+            cfg, clip_encoder=encoder, tokenizer=tokenizer, guidance_channels=guidance.channels,
+            clip_resolution=clip_resolution, budget=budget)
         return {
-            "backbone": backbone,
-            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
+            "guidance": guidance,
+            "sem_seg_head": sem_seg_head,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "clip_pixel_mean": head.CLIP_PIXEL_MEAN,
             "clip_pixel_std": head.CLIP_PIXEL_STD,
-            "clip_resolution": tuple(head.CLIP_RESOLUTION) or default_clip_resolution(head.CLIP_PRETRAINED),
+            "clip_resolution": clip_resolution,
             "backbone_resolution": cfg.MODEL.BACKBONE_RESOLUTION,
             "sliding_window": cfg.TEST.SLIDING_WINDOW,
             "sliding_kernel": cfg.TEST.SLIDING_KERNEL,
             "sliding_overlap": cfg.TEST.SLIDING_OVERLAP,
             "sliding_out_res": cfg.TEST.SLIDING_OUT_RES,
-            "memory_budget_mb": head.MEMORY_BUDGET_MB,
-            "cpu_chunk_mb": head.CPU_CHUNK_MB,
+            "budget": budget,
             "bf16": cfg.TEST.BF16,
         }
 
@@ -138,17 +161,29 @@ class CATSeg(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def clip_encoder(self) -> DenseCLIPEncoder:
+        return self.sem_seg_head.clip_encoder
+
+    def normalize(self, images: List[torch.Tensor], clip: bool) -> List[torch.Tensor]:
+        """(3, H, W) raw RGB images -> normalised with the CLIP or the backbone statistics."""
+        mean, std = (self.clip_pixel_mean, self.clip_pixel_std) if clip else (self.pixel_mean, self.pixel_std)
+        return [(x - mean) / std for x in images]
+
     def logits(self, views: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) raw RGB views (0-255, unpadded sliding-window crops) -> (N, T, h, w) logits.
 
-        Each view is normalised twice (backbone and CLIP statistics) and resized to the
-        backbone and CLIP input resolutions.
+        Each view is normalised with the CLIP statistics and resized to the CLIP resolution, and,
+        for a guidance source that reads the image, with the backbone statistics to the
+        backbone resolution.
         """
         clip_in = resize((views - self.clip_pixel_mean) / self.clip_pixel_std, self.clip_resolution)
-        backbone_in = resize((views - self.pixel_mean) / self.pixel_std, self.backbone_resolution)
+        backbone_in = None
+        if self.guidance.needs_image:
+            backbone_in = resize((views - self.pixel_mean) / self.pixel_std, self.backbone_resolution)
         return self.run_network(clip_in, backbone_in)
 
-    def run_network(self, clip_in: torch.Tensor, backbone_in: torch.Tensor) -> torch.Tensor:
+    def run_network(self, clip_in: torch.Tensor, backbone_in: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalised, resized inputs -> (N, T, 4h, 4w) logits (fp32).
 
         At inference with `bf16` (TEST.BF16) the network runs under bfloat16 autocast:
@@ -157,8 +192,9 @@ class CATSeg(nn.Module):
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if self.bf16 and not self.training else nullcontext())
         with autocast:
-            clip_tokens = encode_image_dense(self.sem_seg_head.predictor.clip_model, clip_in)
-            logits = self.sem_seg_head(clip_tokens, self.backbone(backbone_in))
+            features = self.clip_encoder(clip_in, self.guidance.clip_blocks)
+            guidance = self.guidance(features, backbone_in)
+            logits = self.sem_seg_head(features["dense"], guidance)
         return logits.float()
 
     def forward(self, batched_inputs: List[Dict]):
@@ -185,12 +221,13 @@ class CATSeg(nn.Module):
     def training_loss(self, images: List[torch.Tensor], labels: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Images are padded to a common size as one ImageList (official); labels with the ignore value."""
         ignore = self.sem_seg_head.ignore_value
-        clip_in = ImageList.from_tensors([(x - self.clip_pixel_mean) / self.clip_pixel_std for x in images],
-                                         self.size_divisibility).tensor
-        backbone_in = ImageList.from_tensors([(x - self.pixel_mean) / self.pixel_std for x in images],
-                                             self.size_divisibility).tensor
+        clip_in = ImageList.from_tensors(self.normalize(images, clip=True), self.size_divisibility).tensor
+        backbone_in = None
+        if self.guidance.needs_image:
+            backbone_in = ImageList.from_tensors(self.normalize(images, clip=False), self.size_divisibility).tensor
+            backbone_in = resize(backbone_in, self.backbone_resolution)
         targets = ImageList.from_tensors(labels, self.size_divisibility, pad_value=ignore).tensor
-        logits = self.run_network(resize(clip_in, self.clip_resolution), resize(backbone_in, self.backbone_resolution))
+        logits = self.run_network(resize(clip_in, self.clip_resolution), backbone_in)
         return {"loss_sem_seg": bce_loss(logits, targets, ignore)}
 
     def inference_whole_image(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
@@ -200,12 +237,12 @@ class CATSeg(nn.Module):
         crop is a no-op for images over the logit resolution, so the padding border stretches
         into the output: the official quirk) and resizes to (height, width).
         """
-        clip_in = torch.stack([resize(pad_to_multiple((x - self.clip_pixel_mean) / self.clip_pixel_std,
-                                                      self.size_divisibility)[None], self.clip_resolution)[0]
-                               for x in images])
-        backbone_in = torch.stack([resize(pad_to_multiple((x - self.pixel_mean) / self.pixel_std,
-                                                          self.size_divisibility)[None], self.backbone_resolution)[0]
-                                   for x in images])
+        def network_input(normalised: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
+            return torch.stack([resize(pad_to_multiple(x, self.size_divisibility)[None], size)[0] for x in normalised])
+        clip_in = network_input(self.normalize(images, clip=True), self.clip_resolution)
+        backbone_in = None
+        if self.guidance.needs_image:
+            backbone_in = network_input(self.normalize(images, clip=False), self.backbone_resolution)
         probs = self.run_network(clip_in, backbone_in).sigmoid()
         return [sem_seg_postprocess(p, x.shape[-2:], h, w) for p, x, (h, w) in zip(probs, images, sizes)]
 
@@ -224,7 +261,7 @@ class CATSeg(nn.Module):
             def merge(s: slice) -> torch.Tensor:  # called right away, inside this iteration
                 probs = resize(lg[:, s], (k, k)).sigmoid()
                 return sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
-            chunk = chunk_size(lg.shape[1], 4 * (2 * len(lg) * k * k + 3 * out_res[0] * out_res[1] + h * w),
-                               chunk_budget_mb(self.memory_budget_mb, self.cpu_chunk_mb, lg.device))
+            chunk = self.budget.items(lg.shape[1], sliding_merge_bytes_per_class(len(lg), k, out_res, (h, w)),
+                                      lg.device)
             outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
         return outputs

@@ -175,21 +175,24 @@ class CachedTextEncoder:
     EOT-bounded) and stores them. `last_hit` tells whether the latest call was a cache hit.
     """
 
-    def __init__(self, cache_dir=None, enabled: bool = True, batch_size: int = 512, eot_bounded: bool = True):
+    def __init__(self, cache_dir=None, enabled: bool = True, batch_size: int = 512, eot_bounded: bool = True,
+                 synonyms: str = "average"):
         self.cache = TextEmbeddingCache(cache_dir or default_cache_dir()) if enabled else None
         self.batch_size = batch_size
         self.eot_bounded = eot_bounded
+        self.synonyms = synonyms
         self.last_hit: Optional[bool] = None
 
     @classmethod
     def from_config(cls, cfg) -> "CachedTextEncoder":
         head = cfg.MODEL.SEM_SEG_HEAD
-        return cls(cache_dir=head.TEXT_CACHE_DIR or None, enabled=head.TEXT_CACHE)
+        return cls(cache_dir=head.TEXT_CACHE_DIR or None, enabled=head.TEXT_CACHE, synonyms=head.TEXT_SYNONYMS)
 
     @property
     def config(self) -> Dict:
         """The settings that change the embeddings (part of the cache key)."""
-        return {"eot_bounded": self.eot_bounded, "synonyms": "mean of normalised, renormalised"}
+        synonyms = {"average": "mean of normalised, renormalised", "first": "first only"}[self.synonyms]
+        return {"eot_bounded": self.eot_bounded, "synonyms": synonyms}
 
     def __call__(self, clip_model: nn.Module, tokenizer, class_names: Sequence[str],
                  templates: Sequence[str]) -> torch.Tensor:
@@ -197,8 +200,9 @@ class CachedTextEncoder:
         entry = self.cache.load(key) if self.cache is not None else None
         self.last_hit = entry is not None
         if entry is None:
-            emb = class_text_embeddings(clip_model, tokenizer, class_names, templates,
-                                        self.batch_size, self.eot_bounded).float()
+            with torch.no_grad():
+                emb = class_text_embeddings(clip_model, tokenizer, class_names, templates,
+                                            self.batch_size, self.eot_bounded, self.synonyms).float()
             entry = {"embeddings": emb, "truncated": truncated_names(tokenizer, class_names, templates)}
             if self.cache is not None:
                 self.cache.save(key, emb, entry["truncated"])

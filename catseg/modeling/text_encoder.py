@@ -13,7 +13,6 @@ import warnings
 from typing import List, Sequence
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from . import clip
@@ -40,18 +39,10 @@ def eot_positions(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def encode_text_bounded(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(N, L) tokens -> (N, C) unnormalised text features, computed on the first
-    max(EOT position) + 1 tokens only (equal to `clip_model.encode_text(tokens)`)."""
+    max(EOT position) + 1 tokens only (equal to the full-length `clip_model.encode_text(tokens)`;
+    `clip_model` is a DenseCLIPEncoder, whose encode_text takes any length)."""
     length = int(eot_positions(clip_model, tokens).max()) + 1
-    tokens = tokens[:, :length]
-    dtype = clip_model.transformer.get_cast_dtype()
-    x = clip_model.token_embedding(tokens).to(dtype) + clip_model.positional_embedding[:length].to(dtype)
-    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:length, :length])
-    x = text_global_pool(clip_model.ln_final(x), tokens, clip_model.text_pool_type,
-                         eos_token_id=getattr(clip_model, "text_eos_id", None))
-    projection = clip_model.text_projection
-    if projection is None:
-        return x
-    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    return clip_model.encode_text(tokens[:, :length])
 
 
 def encode_texts(clip_model: nn.Module, tokens: torch.Tensor, batch_size: int = 512,
@@ -100,12 +91,12 @@ def warn_truncated(names: Sequence[str], context_length: int) -> None:
                       "(with its prompt templates): its prompts are truncated", UserWarning, stacklevel=3)
 
 
-@torch.no_grad()
 def class_text_embeddings(clip_model: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
-                          batch_size: int = 512, eot_bounded: bool = True) -> torch.Tensor:
-    """(T, P, C) L2-normalised class embeddings, as `clip.class_embeddings` (synonyms averaged),
-    encoded length-sorted and EOT-bounded."""
+                          batch_size: int = 512, eot_bounded: bool = True, synonyms: str = "average") -> torch.Tensor:
+    """(T, P, C) L2-normalised class embeddings, as `clip.class_embeddings`, encoded
+    length-sorted and EOT-bounded. Differentiable: wrap in no_grad when no gradient is needed."""
     n_texts = len(templates) * sum(len(name.split(", ")) for name in class_names)
     # One tokenizer call for all texts, so that length sorting spans the whole vocabulary.
     return clip.class_embeddings(clip_model, tokenizer, class_names, templates, batch_size=max(1, n_texts),
-                                 encode_fn=lambda tokens: encode_texts(clip_model, tokens, batch_size, eot_bounded))
+                                 encode_fn=lambda tokens: encode_texts(clip_model, tokens, batch_size, eot_bounded),
+                                 synonyms=synonyms)
