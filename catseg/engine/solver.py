@@ -89,12 +89,5 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
 
 
-def param_names_by_group(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Dict[str, float]]:
-    """{parameter name: {"lr", "weight_decay"}} of every parameter in `optimizer` (for inspection)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: {"lr": g["lr"], "weight_decay": g["weight_decay"]}
-            for g in optimizer.param_groups for p in g["params"]}
-
-
 __all__ = ["build_optimizer", "build_param_groups", "add_full_model_gradient_clipping",
-           "module_lr_factor", "param_names_by_group"]
+           "module_lr_factor"]
