@@ -1,6 +1,8 @@
-"""Optimizer parameter groups of the official recipe (DESIGN.md, "Parameter groups, exactly"),
-checked per parameter on the real-size L and B architectures (random weights, no text encoding),
-and full-model gradient clipping."""
+"""Optimizer parameter groups of the official recipe (lr 2e-4 x BACKBONE_MULTIPLIER / CLIP_MULTIPLIER
+by module name, decay 1e-4 except 0 for norm layers, nn.Embedding modules and parameters named
+relative_position_bias_table / absolute_pos_embed; nothing else), checked per parameter on the
+real-size L and B architectures (random weights, no text encoding), and full-model gradient
+clipping."""
 import pytest
 import torch
 from detectron2.modeling import build_model
