@@ -8,9 +8,10 @@ cost of encoding is measured separately (seconds per class, all templates, empty
 Every (code version, model, K) runs in its own subprocess, so peak memory (CPU: ru_maxrss,
 weights included; CUDA: max allocated) belongs to that configuration alone, and two versions
 of the package never share an interpreter. A version is a repository path (`--repo
-name=PATH`): compare the working tree with the baseline tag checked out in a git worktree:
+name=PATH`): compare the working tree with the baseline, commit 6ef4558 (the first
+implementation), checked out in a git worktree:
 
-    git worktree add /tmp/catseg-baseline model-v1-baseline
+    git worktree add /tmp/catseg-baseline 6ef4558
     python benchmarks/inference.py --repo baseline=/tmp/catseg-baseline --repo current=.
 
 Per-stage seconds come from hooks around the modules of each stage (summed over calls, so a

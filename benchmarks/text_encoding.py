@@ -20,14 +20,14 @@ import time
 import open_clip
 import torch
 
-from catseg.data.class_names import load_class_names
+from catseg.data.class_names import load_class_names, synonyms
 from catseg.modeling import clip, text_cache
 from catseg.modeling.text_encoder import encode_text_bounded, eot_positions
 
 
 def texts_of(names, templates):
     """Texts in clip.class_embeddings' order (class, template, synonym)."""
-    return [t.format(s) for name in names for t in templates for s in name.split(", ")]
+    return [t.format(s) for name in names for t in templates for s in synonyms(name)]
 
 
 @torch.inference_mode()

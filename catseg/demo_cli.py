@@ -50,7 +50,7 @@ from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, parse_vocabulary, read_vocabulary_file
 
 SCHEMA = "catseg-demo/1"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"  # shipped in the package
 RANDOM_WEIGHTS_BANNER = """\
 ############################################################################
 #  No --config-file given: using {config}

@@ -3,23 +3,14 @@
 The legend is a panel right of the image: one row per class present (largest pixel share
 first), a colour swatch, the name and its share. Classes that label no pixel are not listed.
 """
-import colorsys
 from typing import List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .palette import class_colors
+
 Box = Tuple[int, int, int, int]
-
-GOLDEN_RATIO_CONJUGATE = 0.618033988749895
-
-
-def class_colors(num_classes: int) -> np.ndarray:
-    """(T, 3) uint8 RGB colours, deterministic and well spread (golden-ratio hue steps)."""
-    hues = (np.arange(num_classes) * GOLDEN_RATIO_CONJUGATE) % 1.0
-    values = (0.95, 0.75)
-    rgb = [colorsys.hsv_to_rgb(h, 0.7, values[i % 2]) for i, h in enumerate(hues)]
-    return np.round(np.array(rgb, dtype=np.float64).reshape(-1, 3) * 255).astype(np.uint8)
 
 
 def blend(image: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: float = 0.55) -> np.ndarray:

@@ -8,7 +8,7 @@ import warnings
 from collections import Counter
 from typing import List, Sequence
 
-from .data.class_names import load_class_names
+from .data.class_names import SYNONYM_SEPARATOR, load_class_names
 
 
 class EmptyVocabularyError(ValueError):
@@ -17,8 +17,8 @@ class EmptyVocabularyError(ValueError):
 
 def normalize_name(name: str) -> str:
     """Whitespace collapsed; synonyms separated by exactly ", " (empty synonyms dropped)."""
-    synonyms = (" ".join(s.split()) for s in str(name).split(","))
-    return ", ".join(s for s in synonyms if s)
+    parts = (" ".join(s.split()) for s in str(name).split(","))
+    return SYNONYM_SEPARATOR.join(s for s in parts if s)
 
 
 def clean_vocabulary(names: Sequence[str]) -> List[str]:

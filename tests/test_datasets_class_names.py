@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from catseg.data.class_names import CLASS_NAMES_DIR, load_class_names, shipped_class_lists
+from catseg.data.class_names import CLASS_NAMES_DIR, load_class_names, shipped_class_lists, synonyms
 
 LISTS = {"coco": 171, "ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459, "voc20": 20, "voc20b": 59}
 
@@ -49,3 +49,10 @@ def test_errors(tmp_path):
     (tmp_path / "bad.json").write_text('{"a": 1}')
     with pytest.raises(ValueError, match="bad.json: a class-list JSON must be a list of strings"):
         load_class_names(str(tmp_path / "bad.json"))
+
+
+def test_synonyms_split_at_comma_space():
+    assert synonyms("sky") == ["sky"]
+    assert synonyms("sky, heaven") == ["sky", "heaven"]
+    assert synonyms("tv, monitor, screen") == ["tv", "monitor", "screen"]
+    assert sum(len(synonyms(n)) for n in load_class_names("ade847")) > 847  # ade847 lists synonyms

@@ -7,7 +7,8 @@ from detectron2.projects.point_rend import ColorAugSSDTransform
 from PIL import Image
 
 from catseg.config import add_catseg_config
-from catseg.data.mapper import SemSegDatasetMapper, pad_to_multiple
+from catseg.data.mapper import SemSegDatasetMapper
+from catseg.padding import pad_to_multiple
 
 
 def make_cfg(**overrides):
@@ -103,6 +104,7 @@ def test_resize_and_16bit_label_padded_with_its_ignore(tmp_path):
 
 def test_pad_to_multiple_is_noop_when_off():
     image, sem_seg = torch.zeros(3, 5, 7, dtype=torch.uint8), torch.zeros(5, 7, dtype=torch.long)
-    assert pad_to_multiple(image, sem_seg, -1, 255)[0].shape == (3, 5, 7)
-    padded_image, padded_seg = pad_to_multiple(image, sem_seg, 4, 9)
+    assert pad_to_multiple(image, -1, 128).shape == (3, 5, 7)
+    padded_image, padded_seg = pad_to_multiple(image, 4, 128), pad_to_multiple(sem_seg, 4, 9)
     assert padded_image.shape == (3, 8, 8) and padded_seg[5:].eq(9).all() and padded_seg[:, 7:].eq(9).all()
+    assert padded_image[:, 5:].eq(128).all() and padded_image[:, :5, :7].eq(0).all()

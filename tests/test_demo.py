@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from catseg import demo_cli
-from catseg.overlay import class_colors, render_overlay
+from catseg.overlay import render_overlay
+from catseg.palette import class_colors
 from catseg.predictor import Segmentation
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,7 @@ import torch
 from detectron2.engine import hooks
 
 from catseg.engine import CATSegTrainer
-from catseg.engine.data_stream import batch_fingerprint
-from train_helpers import mini_quickstart, quickstart_cfg
+from train_helpers import batch_fingerprint, mini_quickstart, quickstart_cfg
 
 N = 4
 

@@ -1,13 +1,15 @@
-"""Optimizer parameter groups of the official recipe (DESIGN.md, "Parameter groups, exactly"),
-checked per parameter on the real-size L and B architectures (random weights, no text encoding),
-and full-model gradient clipping."""
+"""Optimizer parameter groups of the official recipe (lr 2e-4 x BACKBONE_MULTIPLIER / CLIP_MULTIPLIER
+by module name, decay 1e-4 except 0 for norm layers, nn.Embedding modules and parameters named
+relative_position_bias_table / absolute_pos_embed; nothing else), checked per parameter on the
+real-size L and B architectures (random weights, no text encoding), and full-model gradient
+clipping."""
 import pytest
 import torch
 from detectron2.modeling import build_model
 from torch import nn
 
-from catseg.engine.solver import build_optimizer, param_names_by_group
-from helpers import make_cfg
+from catseg.engine.solver import build_optimizer
+from helpers import make_cfg, param_names_by_group
 
 BASE_LR, DECAY = 2e-4, 1e-4
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)

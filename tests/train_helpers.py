@@ -1,9 +1,12 @@
-"""Helpers for the training / evaluation tests: a miniature quick-start dataset and configs."""
+"""Helpers for the training / evaluation tests: a miniature quick-start dataset and configs,
+fingerprints of mapped batches."""
+import hashlib
 import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 from catseg.data.quickstart import generate
 from helpers import make_cfg
@@ -47,3 +50,13 @@ def import_train_net():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def batch_fingerprint(batch: List[dict]) -> str:
+    """Hex digest of a mapped batch's image and label tensors (to compare data streams)."""
+    h = hashlib.sha1()
+    for sample in batch:
+        for key in ("image", "sem_seg"):
+            if key in sample:
+                h.update(sample[key].contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import List
 
 CLASS_NAMES_DIR = Path(__file__).resolve().parent / "class_names"
+SYNONYM_SEPARATOR = ", "
+
+
+def synonyms(name: str) -> List[str]:
+    """The synonyms a class name lists: "sky, heaven" -> ["sky", "heaven"]."""
+    return name.split(SYNONYM_SEPARATOR)
 
 
 def shipped_class_lists() -> List[str]:

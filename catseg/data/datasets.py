@@ -25,11 +25,12 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..image_io import IMAGE_EXTENSIONS
+from ..palette import class_colors
 from .class_names import load_class_names, resolve_class_list
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
 
 
@@ -99,12 +100,6 @@ _CUSTOM: Dict[str, dict] = {}  # name -> register_custom_dataset arguments
 def dataset_root() -> Path:
     """Root of the builtin benchmarks: $DETECTRON2_DATASETS, default ./datasets."""
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-
-
-def class_colors(num_classes: int) -> List[List[int]]:
-    """A fixed, reproducible RGB colour per class (for visualisation)."""
-    rng = np.random.RandomState(num_classes)
-    return rng.randint(0, 256, size=(num_classes, 3)).tolist()
 
 
 def _stuff_classes(bench: Benchmark) -> List[str]:
@@ -195,7 +190,7 @@ def register_builtin_datasets(root: Optional[str] = None) -> None:
         classes = _stuff_classes(bench)
         MetadataCatalog.get(name).set(
             stuff_classes=classes,
-            stuff_colors=class_colors(len(classes)),
+            stuff_colors=class_colors(len(classes)).tolist(),
             prompt_classes=load_class_names(bench.class_list),
             class_list=bench.class_list,
             ignore_label=bench.ignore_label,
@@ -291,7 +286,7 @@ def register_custom_dataset(name: str, image_dir: str, label_dir: str, classes_j
     DatasetCatalog.register(name, lambda: load_custom_dataset(name, **args))
     MetadataCatalog.get(name).set(
         stuff_classes=classes,
-        stuff_colors=class_colors(len(classes)),
+        stuff_colors=class_colors(len(classes)).tolist(),
         prompt_classes=classes,
         class_list=class_json_path,
         ignore_label=int(ignore_label),

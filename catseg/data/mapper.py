@@ -13,14 +13,16 @@ from typing import List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
 
+from ..padding import pad_to_multiple
 from .datasets import read_label
+
+IMAGE_PAD_VALUE = 128  # grey, the official mapper's image padding
 
 
 def build_train_augmentations(cfg, ignore_label: int) -> List[T.Augmentation]:
@@ -35,17 +37,6 @@ def build_train_augmentations(cfg, ignore_label: int) -> List[T.Augmentation]:
         augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
     augs.append(T.RandomFlip())
     return augs
-
-
-def pad_to_multiple(image: torch.Tensor, sem_seg: torch.Tensor, divisor: int, ignore_label: int):
-    """Pad (C, H, W) image with 128 and (H, W) label with `ignore_label` at the bottom/right
-    so that H and W are multiples of `divisor` (no-op for divisor <= 0)."""
-    if divisor <= 0:
-        return image, sem_seg
-    h, w = sem_seg.shape
-    pad = (0, -w % divisor, 0, -h % divisor)
-    return (F.pad(image, pad, value=128).contiguous(),
-            F.pad(sem_seg, pad, value=ignore_label).contiguous())
 
 
 class SemSegDatasetMapper:
@@ -90,7 +81,6 @@ class SemSegDatasetMapper:
         self.augmentations(aug_input)
         image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         sem_seg = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
-        image, sem_seg = pad_to_multiple(image, sem_seg, self.size_divisibility, self.ignore_label)
-        dataset_dict["image"] = image
-        dataset_dict["sem_seg"] = sem_seg
+        dataset_dict["image"] = pad_to_multiple(image, self.size_divisibility, IMAGE_PAD_VALUE).contiguous()
+        dataset_dict["sem_seg"] = pad_to_multiple(sem_seg, self.size_divisibility, self.ignore_label).contiguous()
         return dataset_dict

@@ -111,13 +111,3 @@ def build_resumable_train_loader(dataset_dicts: List[dict], mapper, *, total_bat
         SeededMapDataset(dataset_dicts, mapper), mapper=None, sampler=sampler,
         total_batch_size=total_batch_size, aspect_ratio_grouping=False, num_workers=num_workers)
     return loader, sampler
-
-
-def batch_fingerprint(batch: List[dict]) -> str:
-    """Hex digest of a mapped batch's image and label tensors (to compare data streams)."""
-    h = hashlib.sha1()
-    for sample in batch:
-        for key in ("image", "sem_seg"):
-            if key in sample:
-                h.update(sample[key].contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -1,14 +1,15 @@
 """Optimizer of the official CAT-Seg recipe: parameter groups, AdamW/SGD, gradient clipping.
 
-Parameter groups (DESIGN.md, "Parameter groups, exactly"): every trainable parameter gets
+Parameter groups, exactly as the official recipe builds them: every trainable parameter gets
 SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY, then
 - lr x SOLVER.BACKBONE_MULTIPLIER if its module's name contains "backbone",
 - lr x SOLVER.CLIP_MULTIPLIER if its module's name contains "clip_model",
-- decay SOLVER.WEIGHT_DECAY_NORM if its module is a norm layer (detectron2's list),
+- decay SOLVER.WEIGHT_DECAY_NORM if its module is a norm layer (detectron2's list: BatchNorm*,
+  SyncBatchNorm, GroupNorm, InstanceNorm*, LayerNorm, LocalResponseNorm),
 - decay SOLVER.WEIGHT_DECAY_EMBED if its module is an nn.Embedding,
 - decay 0 if the parameter is named relative_position_bias_table or absolute_pos_embed.
-Biases and CLIP's `positional_embedding` (a plain parameter) keep the default decay; frozen
-parameters are not in the optimizer.
+Nothing else: biases and CLIP's `positional_embedding` (a plain parameter, not an Embedding
+module) keep the default decay; frozen parameters are not in the optimizer.
 """
 from typing import Any, Dict, List
 
@@ -89,12 +90,5 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
 
 
-def param_names_by_group(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Dict[str, float]]:
-    """{parameter name: {"lr", "weight_decay"}} of every parameter in `optimizer` (for inspection)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: {"lr": g["lr"], "weight_decay": g["weight_decay"]}
-            for g in optimizer.param_groups for p in g["params"]}
-
-
 __all__ = ["build_optimizer", "build_param_groups", "add_full_model_gradient_clipping",
-           "module_lr_factor", "param_names_by_group"]
+           "module_lr_factor"]

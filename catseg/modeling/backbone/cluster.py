@@ -62,8 +62,9 @@ from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from ...padding import pad_to_multiple
 from .loading import load_backbone_checkpoint
-from .padded import PaddedBackbone, crop_to_input, pad_to_multiple
+from .padded import PaddedBackbone, crop_to_input
 
 try:
     from flash_attn import flash_attn_func

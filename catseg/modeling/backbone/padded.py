@@ -10,14 +10,9 @@ import math
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 from detectron2.modeling import Backbone
 
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H', W') zero-padded bottom/right, H' and W' multiples of ``multiple``."""
-    h, w = x.shape[-2:]
-    return F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple))
+from ...padding import pad_to_multiple
 
 
 def crop_to_input(features: Dict[str, torch.Tensor], strides: Dict[str, int], size) -> Dict[str, torch.Tensor]:
