@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
+from ..data.class_names import synonyms as split_synonyms
+
 logger = logging.getLogger(__name__)
 
 # Architectures shipped with catseg (tiny ones for tests and the quick-start).
@@ -127,7 +129,7 @@ def class_embeddings(
     encode_fn = encode_fn or (lambda tokens: clip_model.encode_text(tokens))
     texts, owners = [], []
     for name in class_names:
-        names = name.split(", ")
+        names = split_synonyms(name)
         names = names[:1] if synonyms == "first" else names
         texts.extend(template.format(s) for template in templates for s in names)
         owners.append(len(names))

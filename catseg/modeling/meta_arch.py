@@ -22,17 +22,12 @@ from detectron2.structures import ImageList
 from einops import rearrange
 from torch import nn
 
+from ..padding import pad_to_multiple
 from .chunking import ChunkBudget, over_chunks, sliding_merge_bytes_per_class
 from .clip import default_clip_resolution
 from .clip_encoder import DenseCLIPEncoder
 from .guidance import build_guidance
 from .head import build_clip_encoder
-
-
-def pad_to_multiple(image: torch.Tensor, divisor: int) -> torch.Tensor:
-    """Zero-pad (C, H, W) at the bottom / right to multiples of `divisor`."""
-    h, w = image.shape[-2:]
-    return F.pad(image, (0, -w % divisor, 0, -h % divisor))
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

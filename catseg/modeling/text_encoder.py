@@ -15,6 +15,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from ..data.class_names import synonyms as split_synonyms
 from . import clip
 
 # Pool types whose feature is read at (or before) the end-of-text token.
@@ -73,7 +74,7 @@ def truncated_names(tokenizer, class_names: Sequence[str], templates: Sequence[s
     overhead = max(len(encode(t.format(""))) for t in templates) + 2  # template words, SOT, EOT
     too_long = []
     for name in class_names:
-        for synonym in name.split(", "):
+        for synonym in split_synonyms(name):
             n = len(encode(synonym))
             # BPE merges across the template boundary change counts by a few tokens at most:
             # only names near the limit get the exact per-template check.
@@ -95,7 +96,7 @@ def class_text_embeddings(clip_model: nn.Module, tokenizer, class_names: Sequenc
                           batch_size: int = 512, eot_bounded: bool = True, synonyms: str = "average") -> torch.Tensor:
     """(T, P, C) L2-normalised class embeddings, as `clip.class_embeddings`, encoded
     length-sorted and EOT-bounded. Differentiable: wrap in no_grad when no gradient is needed."""
-    n_texts = len(templates) * sum(len(name.split(", ")) for name in class_names)
+    n_texts = len(templates) * sum(len(split_synonyms(name)) for name in class_names)
     # One tokenizer call for all texts, so that length sorting spans the whole vocabulary.
     return clip.class_embeddings(clip_model, tokenizer, class_names, templates, batch_size=max(1, n_texts),
                                  encode_fn=lambda tokens: encode_texts(clip_model, tokens, batch_size, eot_bounded),
