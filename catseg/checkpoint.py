@@ -22,6 +22,38 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint's keys or shapes do not match the model (MODEL.CHECKPOINT_STRICT)."""
 
 
+class CheckpointReleaseError(CheckpointMismatchError):
+    """The checkpoint belongs to the other CAT-Seg release than the config's model."""
+
+
+# CAT-Seg releases, told apart by the top-level modules of their state_dicts.
+RELEASES = {
+    "v1": ("backbone.", "a v1 config: configs/vitl_swinb_384.yaml (L), configs/vitb_r101_384.yaml (B) "
+                        "or a protocol config in configs/ or configs/vitb/"),
+    "CVPR'24": ("upsample1.", "a CVPR'24 config: configs/cvpr24/vitl_336.yaml (L), configs/cvpr24/vitb_384.yaml (B) "
+                              "or a protocol config in configs/cvpr24/ or configs/cvpr24/vitb/"),
+}
+
+
+def release_of(keys: Iterable[str]) -> str:
+    """"v1", "CVPR'24" or "" (neither) from state_dict keys."""
+    keys = list(keys)
+    for release, (prefix, _) in RELEASES.items():
+        if any(k.startswith(prefix) for k in keys):
+            return release
+    return ""
+
+
+def check_release(source: str, checkpoint_keys: Iterable[str], model_keys: Iterable[str]) -> None:
+    """One-line CheckpointReleaseError when a v1 checkpoint meets a CVPR'24 model or the reverse."""
+    ours, theirs = release_of(model_keys), release_of(checkpoint_keys)
+    if ours and theirs and ours != theirs:
+        prefix = RELEASES[theirs][0]
+        raise CheckpointReleaseError(
+            f"{source} is a CAT-Seg {theirs} checkpoint ({prefix}* keys) but the config builds a CAT-Seg {ours} "
+            f"model ({RELEASES[ours][0]}* keys): use {RELEASES[theirs][1]}")
+
+
 def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     """Call `write_fn(file)` on a temporary file next to `path`, then rename it to `path`.
 
@@ -97,6 +129,10 @@ class CATSegCheckpointer(DetectionCheckpointer):
     def load(self, path: str, checkpointables=None):
         self._source = path
         return super().load(path, checkpointables)
+
+    def _load_model(self, checkpoint):
+        check_release(self._source, checkpoint["model"].keys(), self.model.state_dict().keys())
+        return super()._load_model(checkpoint)
 
     def _log_incompatible_keys(self, incompatible) -> None:
         wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}

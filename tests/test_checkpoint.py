@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from catseg.checkpoint import CATSegCheckpointer, CheckpointMismatchError, format_mismatch_report
+from catseg.checkpoint import CATSegCheckpointer, CheckpointMismatchError, CheckpointReleaseError, format_mismatch_report
 from helpers import make_model
 
 
@@ -104,3 +104,19 @@ def test_crash_while_tagging_keeps_old_tag(model, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "last_checkpoint").read_text() == "model_a.pth"
     torch.load(tmp_path / "model_b.pth", weights_only=False)  # complete file, just not tagged
+
+
+@pytest.mark.parametrize("model_config,checkpoint_config,release,hint", [
+    ("tiny.yaml", "cvpr24/tiny_b.yaml", "CVPR'24", "configs/cvpr24/vitl_336.yaml"),
+    ("cvpr24/tiny_b.yaml", "tiny.yaml", "v1", "configs/vitl_swinb_384.yaml"),
+])
+def test_release_mix_up_is_one_line_naming_the_family(tmp_path, model_config, checkpoint_config, release, hint):
+    """A v1 checkpoint with a CVPR'24 config (or the reverse): one line saying which config family
+    the checkpoint belongs to, not a long mismatch report, strict or not."""
+    path = _official_file(tmp_path, make_model(checkpoint_config).state_dict())
+    for strict in (False, True):
+        with pytest.raises(CheckpointReleaseError) as info:
+            CATSegCheckpointer(make_model(model_config), strict=strict).load(path)
+        message = str(info.value)
+        assert "\n" not in message
+        assert f"is a CAT-Seg {release} checkpoint" in message and hint in message

@@ -17,13 +17,15 @@ def read_tsv(path):
     return shapes
 
 
-@pytest.mark.parametrize("config,tsv", [("vitb_r101_384.yaml", "vitb_r101_384.tsv"),
-                                        ("vitl_swinb_384.yaml", "vitl_swinb_384.tsv")])
+@pytest.mark.parametrize("config,tsv", [("vitb_r101_384.yaml", "official_v1_state_dict/vitb_r101_384.tsv"),
+                                        ("vitl_swinb_384.yaml", "official_v1_state_dict/vitl_swinb_384.tsv"),
+                                        ("cvpr24/vitb_384.yaml", "official_cvpr24_state_dict/vitb_384.tsv"),
+                                        ("cvpr24/vitl_336.yaml", "official_cvpr24_state_dict/vitl_336.tsv")])
 def test_state_dict_matches_official(shared, config, tsv):
-    """Real-size B / L architectures (random weights) have the official keys and shapes."""
+    """Real-size v1 and CVPR'24 B / L architectures (random weights) have the official keys and shapes."""
     model = make_model(config, RANDOM_CLIP)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    official = read_tsv(shared / "reference" / "official_v1_state_dict" / tsv)
+    official = read_tsv(shared / "reference" / tsv)
     assert sorted(set(official) - set(ours)) == []
     assert sorted(set(ours) - set(official)) == []
     assert {k: s for k, s in ours.items() if official[k] != s} == {}
