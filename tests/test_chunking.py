@@ -106,3 +106,41 @@ def test_autograd_path_matches_inference_path(model, image):
     plain = model.run_network(clip_in, backbone_in)
     assert plain.requires_grad
     assert (plain.detach() - chunked).abs().max().item() <= TOL
+
+
+@pytest.fixture(scope="module")
+def cvpr24_model():
+    """Tiny CVPR'24 model (class padding to 256, top-256 selection) with 300 random-text classes."""
+    m = make_model("cvpr24/tiny_b.yaml", ["TEST.POOLING_SIZES", "[1, 1]"]).eval()
+    predictor = m.sem_seg_head.predictor
+    names = [f"class {i}" for i in range(300)]
+    predictor.set_test_classes(names)
+    width = predictor.clip_model.embed_dim
+    text = torch.randn(300, 1, width, generator=torch.Generator().manual_seed(0))
+    predictor._text_cache[tuple(names)] = torch.nn.functional.normalize(text, dim=-1)
+    return m
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_cvpr24_over_256_classes_chunked_matches_unchunked(cvpr24_model, image, sliding):
+    """More than 256 classes (selection, then 256 classes without padding): 1, 3 and all classes
+    per chunk give the one-chunk result."""
+    configure(cvpr24_model, 300, 1e6)
+    expected = predict(cvpr24_model, image, sliding)
+    floored = (expected == torch.sigmoid(torch.tensor(-100.0))).flatten(1).all(1).sum().item()
+    # whole image: the 44 unselected classes; sliding window: each view selects its own 256
+    assert floored == 300 - 256 if not sliding else 0 < floored < 300 - 256
+    for chunk in (1, 3):
+        configure(cvpr24_model, chunk, 1e6)
+        assert (predict(cvpr24_model, image, sliding) - expected).abs().max().item() <= TOL
+
+
+def test_cvpr24_padded_classes_chunked_matches_unchunked(image):
+    """Fewer than 256 classes (padding): 1, 3 and all classes per chunk agree."""
+    m = make_model("cvpr24/tiny_b.yaml", ["TEST.POOLING_SIZES", "[1, 1]"]).eval()
+    m.sem_seg_head.predictor.set_test_classes([f"class {i}" for i in range(7)])
+    configure(m, 7, 1e6)
+    expected = predict(m, image)
+    for chunk in (1, 3):
+        configure(m, chunk, 0.5)
+        assert (predict(m, image) - expected).abs().max().item() <= TOL

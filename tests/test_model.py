@@ -103,9 +103,10 @@ def test_training_step_official_bce_and_frozen_params():
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
+@pytest.mark.parametrize("config", ["tiny.yaml", "cvpr24/tiny_b.yaml"])
 @pytest.mark.parametrize("sliding", [False, True])
-def test_batch_equals_single_images(sliding):
-    model = make_model(opts=["TEST.SLIDING_WINDOW", str(sliding)]).eval()
+def test_batch_equals_single_images(sliding, config):
+    model = make_model(config, ["TEST.SLIDING_WINDOW", str(sliding)]).eval()
     model.sem_seg_head.predictor.set_test_classes(["cat", "dog", "sky", "road", "wall"])
     gen = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 255, (3, 200, 300), generator=gen).float(),
