@@ -130,7 +130,7 @@ def test_cvpr24_over_256_classes_chunked_matches_unchunked(cvpr24_model, image, 
     floored = (expected == torch.sigmoid(torch.tensor(-100.0))).flatten(1).all(1).sum().item()
     # whole image: the 44 unselected classes; sliding window: each view selects its own 256
     assert floored == 300 - 256 if not sliding else 0 < floored < 300 - 256
-    for chunk in (1, 3):
+    for chunk in ((1, 3) if not sliding else (3,)):  # sliding: 5 views x 256 classes, kept short
         configure(cvpr24_model, chunk, 1e6)
         assert (predict(cvpr24_model, image, sliding) - expected).abs().max().item() <= TOL
 
