@@ -10,7 +10,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from catseg.data.datasets import register_custom_dataset
 from catseg.data.quickstart import CLASSES, generate, make_sample
 from catseg.engine import CATSegTrainer
-from train_helpers import mini_quickstart, quickstart_cfg
+from helpers import make_cfg
+from train_helpers import mini_quickstart, quickstart_cfg, quickstart_opts
 
 
 def _digest(folder):
@@ -45,3 +46,22 @@ def test_shortened_quickstart_learns(tmp_path):
     # the measured run and well above both.
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     assert trained > 30 and trained > untrained + 25, (untrained, trained)
+
+
+def test_shortened_cvpr24_quickstart_learns(tmp_path):
+    """configs/cvpr24/quickstart.yaml: CLIP-block guidance, both CLIP towers training (text
+    embeddings recomputed with gradients every step), class padding to 256."""
+    data = mini_quickstart(tmp_path / "qs", train=32, val=8, size=64)
+    cfg = make_cfg("cvpr24/quickstart.yaml", quickstart_opts(data, tmp_path / "out", SOLVER__MAX_ITER=100,
+                                                             SOLVER__CHECKPOINT_PERIOD=1000))
+    torch.manual_seed(0)
+    trainer = CATSegTrainer(cfg)
+    assert trainer.model.clip_encoder.text_trainable
+    untrained = trainer.test(cfg, trainer.model)["sem_seg"]["mIoU"]
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    trained = trainer.test(cfg, trainer.model)["sem_seg"]["mIoU"]
+    # Measured (2-core CPU, 33 s): loss 0.49 -> 0.22, val mIoU 6.6 -> 17.0.
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert trained > untrained + 7, (untrained, trained)
