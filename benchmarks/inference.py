@@ -1,6 +1,6 @@
 """Inference speed / memory table for CAT-Seg (B) and (L) at several vocabulary sizes.
 
-Protocol: random weights at the real B / L sizes, one synthetic 512x683 image, the official
+Protocol: random weights at the real B / L sizes (v1, and CVPR'24 as CVPR24-B / CVPR24-L), one synthetic 512x683 image, the official
 evaluation protocol (sliding window, POOLING_SIZES [1, 1]), 2 threads. Text encoding is excluded
 from the timing: random unit-norm text features (T, P, C) are put in the predictor's cache; the
 cost of encoding is measured separately (seconds per class, all templates, empty text cache).
@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODELS = {"B": "vitb_r101_384.yaml", "L": "vitl_swinb_384.yaml"}
-STAGES = ("clip", "backbone", "spatial", "class", "decoder", "agg_other", "post")
+MODELS = {"B": "vitb_r101_384.yaml", "L": "vitl_swinb_384.yaml",
+          "CVPR24-B": "cvpr24/vitb_384.yaml", "CVPR24-L": "cvpr24/vitl_336.yaml"}
+STAGES = ("clip", "guidance", "spatial", "class", "decoder", "agg_other", "post")
 
 
 def build(repo: Path, model: str, device: str, opts):
@@ -84,11 +85,18 @@ class StageTimer:
 
 
 def instrument(model, timer: StageTimer) -> None:
-    """Hooks every stage of `model`; the aggregator's total minus its parts is `agg_other`."""
+    """Hooks every stage of `model`; the aggregator's total minus its parts is `agg_other`.
+    "guidance" is the v1 backbone or the CVPR'24 upsamplers. Versions before the
+    DenseCLIPEncoder (e.g. the baseline) have a module function for the dense CLIP pass."""
     import catseg.modeling.meta_arch as meta_arch
 
-    meta_arch.encode_image_dense = timer.wrap("clip", meta_arch.encode_image_dense)
-    timer.hook("backbone", model.backbone)
+    if hasattr(model, "clip_encoder"):
+        timer.hook("clip", model.clip_encoder)
+    else:
+        meta_arch.encode_image_dense = timer.wrap("clip", meta_arch.encode_image_dense)
+    for name in ("backbone", "upsample1", "upsample2"):
+        if hasattr(model, name):
+            timer.hook("guidance", getattr(model, name))
     agg = model.sem_seg_head.predictor.transformer
     timer.hook("agg_other", agg)  # whole aggregator; its parts are subtracted in `stage_seconds`
     for layer in agg.layers:
@@ -219,7 +227,7 @@ def slopes(results, key: str = "seconds") -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repo", action="append", default=[], help="name=PATH of a checkout (repeatable); default current=.")
-    p.add_argument("--models", nargs="+", default=["B", "L"], choices=sorted(MODELS))
+    p.add_argument("--models", nargs="+", default=["B", "L", "CVPR24-B", "CVPR24-L"], choices=list(MODELS))
     p.add_argument("--classes", nargs="+", type=int, default=[20, 59, 150, 459, 847])
     p.add_argument("--repeats", type=int, default=3, help="timed runs for K <= --many-classes (median reported)")
     p.add_argument("--many-classes", type=int, default=59, help="above this K a single timed run, no warm-up")
