@@ -116,3 +116,20 @@ def test_bad_image_inputs(predictor, tmp_path):
         predictor.predict(tmp_path / "notes.png", VOCAB)
     with pytest.raises(ImageReadError, match="expected \\(H, W\\)"):
         predictor.predict(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_cvpr24_model_and_text_cache(tmp_path):
+    """The predictor runs the CVPR'24 model (one template, first synonym) and reuses its text
+    embeddings from the disk cache in a new predictor."""
+    cfg = make_cfg("cvpr24/tiny_b.yaml", ["MODEL.SEM_SEG_HEAD.TEXT_CACHE_DIR", str(tmp_path)])
+    torch.manual_seed(0)  # the aggregator's random weights (CLIP's are seeded by the config)
+    first = OpenVocabPredictor(cfg, max_side=400)
+    r = first.predict(image(), VOCAB)
+    assert r.probs.shape == (3, 90, 120)
+    text = first.model.sem_seg_head.predictor.text_features(VOCAB)
+    assert text.shape == (3, 1, 64)
+    torch.manual_seed(0)
+    second = OpenVocabPredictor(cfg, max_side=400)
+    encoder = second.model.sem_seg_head.predictor.text_encoder
+    assert torch.equal(second.model.sem_seg_head.predictor.text_features(VOCAB), text) and encoder.last_hit
+    assert_same(second.predict(image(), VOCAB), r)
