@@ -27,7 +27,11 @@ def test_missing_dataset_is_one_line(tmp_path):
     assert "datasets/prepare_ade150.py" in last
 
 
-def test_ade150_miniature_end_to_end(tmp_path):
+@pytest.mark.parametrize("config,opts", [
+    ("configs/tiny.yaml", ["MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE", "single"]),
+    ("configs/cvpr24/tiny_b.yaml", []),
+])
+def test_ade150_miniature_end_to_end(tmp_path, config, opts):
     root = tmp_path / "d2"
     images = root / "ADEChallengeData2016" / "images" / "validation"
     labels = root / "ADEChallengeData2016" / "annotations_detectron2" / "validation"
@@ -39,10 +43,9 @@ def test_ade150_miniature_end_to_end(tmp_path):
     label[:4] = 255
     Image.fromarray(label).save(labels / "ADE_val_00000001.png")
     out = tmp_path / "out"
-    proc = _cli(["--config-file", "configs/tiny.yaml", "--eval-only", "MODEL.DEVICE", "cpu",
+    proc = _cli(["--config-file", config, "--eval-only", "MODEL.DEVICE", "cpu",
                  "DATASETS.TEST", "('ade20k_150_test_sem_seg',)",
-                 "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", "ade150.json",
-                 "MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE", "single",
+                 "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", "ade150.json", *opts,
                  "TEST.SLIDING_WINDOW", "True", "MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1, 1]",
                  "OUTPUT_DIR", str(out)], root)
     assert proc.returncode == 0, proc.stderr[-3000:]
