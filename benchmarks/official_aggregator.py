@@ -1,4 +1,4 @@
-"""Official CAT-Seg v1 aggregator against ours: same weights, same inputs, output difference, time, peak RSS.
+"""Official CAT-Seg aggregator (v1 and CVPR'24) against ours: same weights, same inputs, output difference, time, peak RSS.
 
 The official code is NOT part of this repository and is never copied into it. Get it yourself
 and pass its root (the directory that contains `cat_seg/`):
@@ -7,10 +7,11 @@ and pass its root (the directory that contains `cat_seg/`):
     python benchmarks/official_aggregator.py --official /tmp/CAT-Seg --models B L --classes 150
 
 Only `cat_seg/modeling/transformer/model.py` is imported from it (it needs torch, einops and
-timm); the v1 `Aggregator` is the one without `pad_len` (later official versions pad or truncate
-the classes to 256 in the class aggregation, which changes the result).
+timm). The current official `Aggregator` (CVPR'24) has a `pad_len` argument: it gets our
+aggregator's `pad_length`, 256 for the CVPR'24 models and 0 (no class padding, no selection:
+the v1 computation) for the v1 ones; an older checkout without `pad_len` serves v1 only.
 
-Protocol, per model (configs/vitb_r101_384.yaml = B, configs/vitl_swinb_384.yaml = L):
+Protocol, per model (B, L, CVPR24-B, CVPR24-L: the configs of benchmarks/inference.py):
 - a setup process builds our model as benchmarks/inference.py does (random weights, evaluation
   protocol: POOLING_SIZES [1, 1]) and saves its aggregator (`sem_seg_head.predictor.transformer`),
   the official constructor arguments read from it, and seeded random inputs for `--views` views:
@@ -27,6 +28,7 @@ Seconds: median of `--repeats` timed forwards under `torch.inference_mode()` (on
 warm-up when repeats > 1), `--threads` threads.
 """
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -43,12 +45,9 @@ OFFICIAL_MODULE = "cat_seg.modeling.transformer.model"
 
 def official_kwargs(agg) -> dict:
     """Constructor arguments of the official v1 `Aggregator` equal to our built `agg` (evaluation pooling)."""
-    from catseg.modeling.attention import ATTENTION_FUNCTIONS
-
     hidden = agg.conv1.out_channels
     layer = agg.layers[0]
     block = layer.swin_block.block_1
-    attend = layer.attention.attention.attend
     ups = (agg.decoder1, agg.decoder2)
     decoder_guidance = agg.decoder_guidance_projection
     return {
@@ -65,8 +64,9 @@ def official_kwargs(agg) -> dict:
         "pooling_size": tuple(layer.attention.test_pool.kernel_size),  # the pooling ours uses in eval mode
         "feature_resolution": tuple(block.resolution),
         "window_size": block.window_size,
-        "attention_type": next(name for name, fn in ATTENTION_FUNCTIONS.items() if fn is attend),
+        "attention_type": layer.attention.attention.attention_type,
         "prompt_channel": agg.conv1.in_channels,
+        "pad_len": agg.pad_length,
     }
 
 
@@ -109,7 +109,11 @@ def worker(args) -> dict:
     text = inputs["text"][: args.classes]
     views = inputs["img_feats"].shape[0]
     if args.impl == "official":
-        agg = official.Aggregator(**saved["official_kwargs"])
+        kwargs = dict(saved["official_kwargs"])
+        if "pad_len" not in inspect.signature(official.Aggregator).parameters:
+            if kwargs.pop("pad_len"):
+                raise SystemExit("this official checkout has no pad_len (v1 only): use the current official code")
+        agg = official.Aggregator(**kwargs)
         agg.load_state_dict(ours.state_dict(), strict=True)
         del ours
         text = text.repeat(views, 1, 1, 1)  # as the official predictor does
@@ -162,7 +166,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--official", required=True, help="root of an official CAT-Seg checkout (contains cat_seg/)")
     p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="our repository (default: this one)")
-    p.add_argument("--models", nargs="+", default=["B", "L"], choices=sorted(MODELS))
+    p.add_argument("--models", nargs="+", default=["B", "L"], choices=list(MODELS))
     p.add_argument("--classes", nargs="+", type=int, default=[150])
     p.add_argument("--views", type=int, default=5, help="batch of views (sliding window: 4 crops + 1 global view)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards (median reported; warm-up when > 1)")
