@@ -8,6 +8,12 @@ Loading accepts detectron2 / official CAT-Seg files ({"model": state_dict, ...})
 missing key, unexpected key and shape mismatch is reported together in one readable summary
 (`format_mismatch_report`); with `strict` (MODEL.CHECKPOINT_STRICT) the summary is raised as
 `CheckpointMismatchError` instead of logged.
+
+A checkpoint without a CAT-Seg head is a guidance-backbone initialisation (ImageNet weights:
+the official detectron2 `.pkl` files, timm or torchvision checkpoints, `.safetensors` too): it
+is converted to the backbone's key names (catseg/modeling/backbone/convert.py) and the report
+covers the backbone only (the head and CLIP keep their initialisation): tensors loaded, backbone
+keys missing, checkpoint keys the backbone does not use.
 """
 import os
 import tempfile
@@ -16,6 +22,9 @@ from typing import Iterable, List, Sequence, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _filter_reused_missing_keys, _group_checkpoint_keys, _group_to_str
+
+from .modeling.backbone.convert import (convert_backbone_state, expected_keys, is_backbone_only, layout_name,
+                                        wrapper_keys)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -76,6 +85,7 @@ class CATSegCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
         self._source = ""
+        self._backbone_init = None  # (layout name, number of checkpoint tensors) for a backbone-only checkpoint
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -98,12 +108,42 @@ class CATSegCheckpointer(DetectionCheckpointer):
         self._source = path
         return super().load(path, checkpointables)
 
+    def _load_file(self, filename: str):
+        if filename.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return {"model": load_file(filename)}
+        return super()._load_file(filename)
+
+    def _load_model(self, checkpoint):
+        """A backbone-only checkpoint is renamed to `backbone.*` keys first (Caffe2 files keep
+        detectron2's own name-matching heuristics)."""
+        state = checkpoint["model"]
+        self._backbone_init = None
+        if is_backbone_only(state) and checkpoint.get("__author__") != "Caffe2":
+            backbone = self.model.backbone
+            converted, unused = convert_backbone_state(backbone, state)
+            self._backbone_init = (layout_name(backbone, state), unused)
+            checkpoint["model"] = {f"backbone.{k}": v for k, v in converted.items()}
+            checkpoint["matching_heuristics"] = False
+        return super()._load_model(checkpoint)
+
     def _log_incompatible_keys(self, incompatible) -> None:
         wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in _filter_reused_missing_keys(self.model, incompatible.missing_keys)
                    if k not in wrong_shape]
-        report = format_mismatch_report(self._source, missing, incompatible.unexpected_keys,
-                                        incompatible.incorrect_shapes)
+        unexpected = list(incompatible.unexpected_keys)
+        if self._backbone_init is not None:
+            layout, unused = self._backbone_init
+            expected = {f"backbone.{k}" for k in expected_keys(self.model.backbone)}
+            missing = [k for k in missing if k in expected]
+            unexpected += unused
+            loaded = len(expected) - len(missing) - len(wrong_shape)
+            fresh = wrapper_keys(self.model.backbone)
+            kept = f"; kept at initialisation (in no ImageNet checkpoint): {', '.join(_group_keys(fresh, 5))}" if fresh else ""
+            self.logger.info(f"Backbone initialised from {self._source} ({layout} layout): "
+                             f"{loaded} of {len(expected)} backbone tensors loaded{kept}")
+        report = format_mismatch_report(self._source, missing, unexpected, incompatible.incorrect_shapes)
         if not report:
             self.logger.info(f"Loaded {self._source}: all keys match (0 missing, 0 unexpected)")
         elif self.strict:
