@@ -19,6 +19,8 @@ from catseg.checkpoint import CATSegCheckpointer
 from catseg.config import load_config
 from catseg.data.datasets import DatasetNotFoundError
 from catseg.engine import CATSegTrainer, launch, prepare_datasets
+from catseg.modeling.backbone.pretrained import (PretrainedWeightsError, check_weights_file, initial_backbone_source,
+                                                 resolve_pretrained)
 
 
 def evaluate(cfg, resume: bool = False):
@@ -48,13 +50,25 @@ def main(args):
     return trainer.train()
 
 
+def check_inputs(cfg, args) -> None:
+    """Weights and datasets are there (backbone weights downloaded once, before any process
+    starts); raises PretrainedWeightsError / DatasetNotFoundError with a one-line message."""
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not resuming:
+        check_weights_file(cfg.MODEL.WEIGHTS)
+    source = "" if args.eval_only else initial_backbone_source(cfg, resuming)
+    if source:
+        resolve_pretrained(source)
+    prepare_datasets(cfg, list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
+
+
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     try:  # fail before spawning processes or building models, with one line
-        prepare_datasets(cfg, list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
-    except DatasetNotFoundError as e:
+        check_inputs(cfg, args)
+    except (DatasetNotFoundError, PretrainedWeightsError) as e:
         sys.exit(f"error: {e}")
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                   dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)

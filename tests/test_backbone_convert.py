@@ -179,3 +179,15 @@ def test_official_r101_pkl_loads(tmp_path, caplog, d2_r101, torchvision_r101):
     log = load_into(scrambled(d2_r101), path, caplog)
     assert "(detectron2 ResNet layout)" in log and "missing (in the model" not in log
     assert_holds(d2_r101, {k: v for k, v in state.items() if k in d2_r101.state_dict()})
+
+
+@pytest.mark.parametrize("config,prefix", [("backbones/tiny/vit.yaml", "vit."), ("backbones/tiny/twins_svt.yaml", "twins.")])
+def test_timm_layout_of_wrapped_backbones_loads(tmp_path, caplog, config, prefix):
+    """D2ViT / D2Twins: a checkpoint of the timm network alone (its own keys) loads under the prefix."""
+    torch.manual_seed(0)
+    backbone = build_backbone(make_cfg(config)).eval()
+    state = {k[len(prefix):]: v.clone() for k, v in backbone.state_dict().items() if k.startswith(prefix)}
+    torch.save(state, tmp_path / "timm.pth")
+    log = load_into(scrambled(backbone), tmp_path / "timm.pth", caplog)
+    assert "backbone tensors loaded" in log and "unexpected (in the checkpoint" not in log
+    assert_holds(backbone, {prefix + k: v for k, v in state.items()})

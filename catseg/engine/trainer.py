@@ -10,6 +10,7 @@ Differences from DefaultTrainer:
   data seed is saved in checkpoints, so resumed weights equal uninterrupted ones;
 - DDP without device_ids on CPU (gloo processes started by `catseg.engine.launch`);
 - checkpoints through `CATSegCheckpointer` (atomic saves, one mismatch report, strict option);
+  a run from scratch starts the guidance backbone from MODEL.BACKBONE.PRETRAINED (ImageNet);
 - evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
   that each dataset's folders exist.
 """
@@ -28,6 +29,7 @@ from ..checkpoint import CATSegCheckpointer
 from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..evaluation import build_evaluator
+from ..modeling.backbone.pretrained import initial_backbone_source, resolve_pretrained
 from .data_stream import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
@@ -101,6 +103,10 @@ class CATSegTrainer(DefaultTrainer):
         self.train_sampler.seed = seed
 
     def resume_or_load(self, resume=True):
+        """Resume, or load MODEL.WEIGHTS, or (neither given) MODEL.BACKBONE.PRETRAINED into the backbone."""
+        source = initial_backbone_source(self.cfg, resume and self.checkpointer.has_checkpoint())
+        if source:
+            self.checkpointer.load(resolve_pretrained(source), checkpointables=[])
         super().resume_or_load(resume=resume)
         self.train_sampler.set_start_iter(self.start_iter)
 
