@@ -17,6 +17,7 @@ def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
     """A catseg config from a YAML path (or a copy of a CfgNode), with KEY VALUE overrides."""
     if isinstance(config, CN):
         cfg = config.clone()
+        cfg.defrost()
     else:
         cfg = get_cfg()
         add_catseg_config(cfg)
