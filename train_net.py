@@ -51,11 +51,11 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    if args.benchmarks:
+    if getattr(args, "benchmarks", ""):  # absent from detectron2's own parser
         cfg = benchmark_config(cfg)
         return run_benchmarks(cfg, load_model(cfg, args.resume), select_protocols(args.benchmarks),
                               CATSegTrainer.test, check_fn=lambda c, name: prepare_datasets(c, [name]),
-                              strict=args.strict)
+                              strict=getattr(args, "strict", False))
     if args.eval_only:
         return evaluate(cfg, resume=args.resume)
     trainer = CATSegTrainer(cfg)
