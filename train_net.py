@@ -39,7 +39,7 @@ def evaluate(cfg, resume: bool = False):
 
     Writes OUTPUT_DIR/metrics_eval.json on the main process; returns the metrics.
     """
-    results = CATSegTrainer.test(cfg, load_model(cfg, resume))
+    results = CATSegTrainer.evaluate(cfg, load_model(cfg, resume))
     if comm.is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         with open(os.path.join(cfg.OUTPUT_DIR, "metrics_eval.json"), "w") as f:
@@ -54,7 +54,7 @@ def main(args):
     if getattr(args, "benchmarks", ""):  # absent from detectron2's own parser
         cfg = benchmark_config(cfg)
         return run_benchmarks(cfg, load_model(cfg, args.resume), select_protocols(args.benchmarks),
-                              CATSegTrainer.test, check_fn=lambda c, name: prepare_datasets(c, [name]),
+                              CATSegTrainer.evaluate, check_fn=lambda c, name: prepare_datasets(c, [name]),
                               strict=getattr(args, "strict", False))
     if args.eval_only:
         return evaluate(cfg, resume=args.resume)

@@ -12,7 +12,7 @@ Differences from DefaultTrainer:
 - checkpoints through `CATSegCheckpointer` (atomic saves, one mismatch report, strict option);
   a run from scratch starts the guidance backbone from MODEL.BACKBONE.PRETRAINED (ImageNet);
 - evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
-  that each dataset's folders exist.
+  that each dataset's folders exist; `evaluate` adds test-time augmentation (TEST.AUG) results.
 """
 import logging
 import os
@@ -30,6 +30,7 @@ from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..evaluation import build_evaluator
 from ..modeling.backbone.pretrained import initial_backbone_source, resolve_pretrained
+from ..modeling.tta import CATSegWithTTA
 from .data_stream import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
@@ -145,4 +146,21 @@ class CATSegTrainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         prepare_datasets(cfg, cfg.DATASETS.TEST)
         return super().test(cfg, model, evaluators)
+
+    @classmethod
+    def test_with_tta(cls, cfg, model):
+        """`test` of the model under test-time augmentation (catseg/modeling/tta.py); results
+        under "<name>_TTA", evaluator files in OUTPUT_DIR/inference_TTA (as the official trainer)."""
+        evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+                      for name in cfg.DATASETS.TEST]
+        results = cls.test(cfg, CATSegWithTTA(cfg, model), evaluators)
+        return {f"{k}_TTA": v for k, v in results.items()}
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """`test`, plus `test_with_tta` beside it when TEST.AUG.ENABLED."""
+        results = dict(cls.test(cfg, model))
+        if cfg.TEST.AUG.ENABLED:
+            results.update(cls.test_with_tta(cfg, model))
+        return results
 
