@@ -122,19 +122,19 @@ def run_benchmarks(cfg, model, protocols: Sequence[Protocol], test_fn, check_fn,
 
 def table_rows(protocols: Sequence[Protocol], results: Dict) -> List[Dict]:
     """One row per result kind ("sem_seg", and "sem_seg_TTA" with test-time augmentation):
-    {"": kind, benchmark name: {metric: value} or None}."""
+    {"result": kind, benchmark name: {metric: value} or None}."""
     kinds = sorted({k for r in results.values() if r for k in r})
-    return [{"": kind, **{p.name: ({m: results[p.name][kind][m] for m in METRICS}
+    return [{"result": kind, **{p.name: ({m: results[p.name][kind][m] for m in METRICS}
                                     if results.get(p.name) and kind in results[p.name] else None)
                           for p in protocols}} for kind in kinds]
 
 
 def markdown_table(protocols: Sequence[Protocol], rows: List[Dict]) -> str:
     """mIoU per benchmark, "-" where not evaluated."""
-    lines = ["| | " + " | ".join(p.name for p in protocols) + " |", "|---" * (len(protocols) + 1) + "|"]
+    lines = ["| result | " + " | ".join(p.name for p in protocols) + " |", "|---" * (len(protocols) + 1) + "|"]
     for row in rows:
         cells = [f"{row[p.name]['mIoU']:.1f}" if row[p.name] else "-" for p in protocols]
-        lines.append(f"| {row['']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['result']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -143,7 +143,7 @@ def csv_table(protocols: Sequence[Protocol], rows: List[Dict]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["result"] + [p.name for p in protocols])
     for row in rows:
-        writer.writerow([row[""]] + [f"{row[p.name]['mIoU']:.2f}" if row[p.name] else "" for p in protocols])
+        writer.writerow([row["result"]] + [f"{row[p.name]['mIoU']:.2f}" if row[p.name] else "" for p in protocols])
     return buffer.getvalue()
 
 
