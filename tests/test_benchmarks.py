@@ -1,9 +1,8 @@
 """The six-benchmark command on miniature copies of the six datasets (prepared layouts, one
-image each, tiny model with a 128-pixel geometry): same numbers as six separate --eval-only
+image each, tiny model with a 64-pixel geometry): same numbers as six separate --eval-only
 runs, resumes after an interruption, skips a missing dataset (or fails with --strict)."""
 import json
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -19,9 +18,9 @@ from helpers import CONFIGS
 from train_helpers import import_train_net
 
 SMALL = ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE", "single",
-         "MODEL.BACKBONE_RESOLUTION", "(128, 128)", "MODEL.SEM_SEG_HEAD.CLIP_RESOLUTION", "(128, 128)",
-         "MODEL.SEM_SEG_HEAD.FEATURE_RESOLUTION", "[8, 8]", "MODEL.SEM_SEG_HEAD.WINDOW_SIZES", "4",
-         "MODEL.SWIN.WINDOW_SIZE", "8", "TEST.SLIDING_KERNEL", "128", "TEST.SLIDING_OUT_RES", "(128, 128)",
+         "MODEL.BACKBONE_RESOLUTION", "(64, 64)", "MODEL.SEM_SEG_HEAD.CLIP_RESOLUTION", "(64, 64)",
+         "MODEL.SEM_SEG_HEAD.FEATURE_RESOLUTION", "[4, 4]", "MODEL.SEM_SEG_HEAD.WINDOW_SIZES", "2",
+         "MODEL.SWIN.WINDOW_SIZE", "4", "TEST.SLIDING_KERNEL", "64", "TEST.SLIDING_OUT_RES", "(64, 64)",
          "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128"]
 LABELS = {  # dataset -> (number of classes, label dtype, ignore value)
     "ade20k_full_sem_seg_freq_val_all": (847, np.uint16, 65535), "context_459_test_sem_seg": (459, np.uint16, 459),
@@ -63,26 +62,46 @@ def benchmark_argv(ckpt, out, *extra):
             *SMALL, "MODEL.WEIGHTS", str(ckpt), "OUTPUT_DIR", str(out)]
 
 
-def test_six_benchmarks_equal_separate_runs_and_resume(setup, tmp_path, builtin_root, monkeypatch):
+def test_six_benchmarks_resume_skip_missing_and_equal_separate_runs(setup, tmp_path, builtin_root, monkeypatch, caplog):
+    """Run 1: PC-59's labels missing, killed during the third evaluation. Run 2 (restart): the
+    first two are not evaluated again, PC-59 is reported in one line, the rest are evaluated.
+    Run 3 (PC-59's labels back): only PC-59 is evaluated. Every benchmark's numbers equal a
+    separate --eval-only run with the official eval.sh overrides."""
     root, ckpt = setup
     builtin_root(root)
+    pc59 = root / BENCHMARKS["context_59_test_sem_seg"].label_dir
+    pc59.rename(pc59.with_name("hidden"))
     train_net = import_train_net()
     real_test, calls, first_run = CATSegTrainer.test, [], [True]
 
-    def interrupted_after_two(cfg, model, evaluators=None):
+    def killed_during_third(cfg, model, evaluators=None):
         calls.append(cfg.DATASETS.TEST[0])
         if first_run[0] and len(calls) == 3:
             raise KeyboardInterrupt("killed")
         return real_test(cfg, model, evaluators)
 
-    monkeypatch.setattr(CATSegTrainer, "test", interrupted_after_two)
+    monkeypatch.setattr(CATSegTrainer, "test", killed_during_third)
     out = tmp_path / "all"
     with pytest.raises(KeyboardInterrupt):
         run(train_net, benchmark_argv(ckpt, out))
+    assert calls == [p.dataset for p in PROTOCOLS[:3]]
     calls.clear()
     first_run[0] = False
-    run(train_net, benchmark_argv(ckpt, out))  # restarted: the first two are not evaluated again
-    assert calls == [p.dataset for p in PROTOCOLS[2:]]
+    with caplog.at_level(logging.WARNING, logger="catseg.engine.benchmarks"):
+        results = run(train_net, benchmark_argv(ckpt, out))
+    assert calls == ["ade20k_150_test_sem_seg", "voc_2012_test_sem_seg", "voc_2012_test_background_sem_seg"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "catseg.engine.benchmarks"]
+    assert len(lines) == 1 and lines[0].startswith("PC-59: not evaluated, ") and "prepare_pc59.py" in lines[0]
+    assert "\n" not in lines[0]
+    assert [name for name, r in results.items() if r is None] == ["PC-59"] and len(results) == 6
+    table = json.loads((out / "benchmarks" / "table.json").read_text())
+    assert table["not_evaluated"] == ["PC-59"] and table["rows"][0]["PC-59"] is None
+    assert "| - |" in (out / "benchmarks" / "table.md").read_text()
+
+    pc59.with_name("hidden").rename(pc59)
+    calls.clear()
+    run(train_net, benchmark_argv(ckpt, out))
+    assert calls == ["context_59_test_sem_seg"]
     monkeypatch.undo()
 
     table = json.loads((out / "benchmarks" / "table.json").read_text())
@@ -107,27 +126,12 @@ def test_six_benchmarks_equal_separate_runs_and_resume(setup, tmp_path, builtin_
     assert len({table["rows"][0][p.name]["mIoU"] for p in PROTOCOLS}) > 1  # distinct datasets, distinct numbers
 
 
-def test_missing_dataset_is_reported_and_the_rest_evaluated(setup, tmp_path, builtin_root, caplog):
+def test_strict_makes_a_missing_dataset_fatal_before_anything_runs(setup, tmp_path, builtin_root):
     root, ckpt = setup
-    copy = tmp_path / "d2"
-    shutil.copytree(root, copy)
-    shutil.rmtree(copy / BENCHMARKS["context_59_test_sem_seg"].label_dir)
-    builtin_root(copy)
+    builtin_root(tmp_path / "empty")
     train_net = import_train_net()
-    out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="catseg.engine.benchmarks"):
-        results = run(train_net, benchmark_argv(ckpt, out))
-    lines = [r.getMessage() for r in caplog.records if r.name == "catseg.engine.benchmarks"]
-    assert len(lines) == 1 and lines[0].startswith("PC-59: not evaluated, ") and "prepare_pc59.py" in lines[0]
-    assert "\n" not in lines[0]
-    assert [name for name, r in results.items() if r is None] == ["PC-59"] and len(results) == 6
-    table = json.loads((out / "benchmarks" / "table.json").read_text())
-    assert table["not_evaluated"] == ["PC-59"] and table["rows"][0]["PC-59"] is None
-    assert sum(v is not None for k, v in table["rows"][0].items() if k != "result") == 5
-    assert "| - |" in (out / "benchmarks" / "table.md").read_text()
-
     args = train_net.argument_parser().parse_args(benchmark_argv(ckpt, tmp_path / "strict", "--strict"))
-    with pytest.raises(DatasetNotFoundError, match="pc59_val not found"):
+    with pytest.raises(DatasetNotFoundError, match="ADE20K_2021_17_01"):
         train_net.check_inputs(load_config(args.config_file, args.opts), args)
 
 
