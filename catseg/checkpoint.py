@@ -13,7 +13,8 @@ A checkpoint without a CAT-Seg head is a guidance-backbone initialisation (Image
 the official detectron2 `.pkl` files, timm or torchvision checkpoints, `.safetensors` too): it
 is converted to the backbone's key names (catseg/modeling/backbone/convert.py) and the report
 covers the backbone only (the head and CLIP keep their initialisation): tensors loaded, backbone
-keys missing, checkpoint keys the backbone does not use.
+keys missing, the ImageNet network's parts the backbone does not build (classifier, later
+stages: listed, not an error), any other checkpoint key (unexpected).
 """
 import os
 import tempfile
@@ -122,8 +123,8 @@ class CATSegCheckpointer(DetectionCheckpointer):
         self._backbone_init = None
         if is_backbone_only(state) and checkpoint.get("__author__") != "Caffe2":
             backbone = self.model.backbone
-            converted, unused = convert_backbone_state(backbone, state)
-            self._backbone_init = (layout_name(backbone, state), unused)
+            converted, surplus, unexpected = convert_backbone_state(backbone, state)
+            self._backbone_init = (layout_name(backbone, state), surplus, unexpected)
             checkpoint["model"] = {f"backbone.{k}": v for k, v in converted.items()}
             checkpoint["matching_heuristics"] = False
         return super()._load_model(checkpoint)
@@ -134,15 +135,20 @@ class CATSegCheckpointer(DetectionCheckpointer):
                    if k not in wrong_shape]
         unexpected = list(incompatible.unexpected_keys)
         if self._backbone_init is not None:
-            layout, unused = self._backbone_init
+            layout, surplus, other = self._backbone_init
             expected = {f"backbone.{k}" for k in expected_keys(self.model.backbone)}
             missing = [k for k in missing if k in expected]
-            unexpected += unused
+            unexpected += other
             loaded = len(expected) - len(missing) - len(wrong_shape)
+            lines = [f"Backbone initialised from {self._source} ({layout} layout): "
+                     f"{loaded} of {len(expected)} backbone tensors loaded"]
             fresh = wrapper_keys(self.model.backbone)
-            kept = f"; kept at initialisation (in no ImageNet checkpoint): {', '.join(_group_keys(fresh, 5))}" if fresh else ""
-            self.logger.info(f"Backbone initialised from {self._source} ({layout} layout): "
-                             f"{loaded} of {len(expected)} backbone tensors loaded{kept}")
+            if fresh:
+                lines.append(f"  kept at initialisation (in no ImageNet checkpoint): {', '.join(_group_keys(fresh, 5))}")
+            if surplus:
+                lines.append(f"  not used (classifier, stages after the last output): {len(surplus)} tensors: "
+                             f"{', '.join(_group_keys(surplus, 3))}")
+            self.logger.info("\n".join(lines))
         report = format_mismatch_report(self._source, missing, unexpected, incompatible.incorrect_shapes)
         if not report:
             self.logger.info(f"Loaded {self._source}: all keys match (0 missing, 0 unexpected)")

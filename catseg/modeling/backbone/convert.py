@@ -11,8 +11,9 @@ Layouts recognised, per backbone:
   `res{i+1}`, `bn{k}` -> `conv{k}.norm`, `downsample.{0,1}` -> `shortcut`/`shortcut.norm`).
 - wrapped timm networks (D2ViT, D2Twins, D2ClusterBackbone): the library's own keys, matched
   under the wrapper's prefix (catseg/modeling/backbone/loading.py).
-Keys a layout has and the backbone has not (a classifier, stages beyond OUT_FEATURES) are
-returned as unused; the checkpointer reports them with the missing ones.
+Keys of parts an ImageNet network has and the backbone does not build (the classifier, stages
+after the last of OUT_FEATURES) are returned apart as surplus; any other key the backbone does
+not have is unexpected and goes into the checkpointer's mismatch report.
 """
 import re
 from typing import Dict, List, Tuple
@@ -96,14 +97,33 @@ def to_backbone_keys(backbone: nn.Module, state: Dict[str, object]) -> Dict[str,
     return match_keys(state, list(backbone.state_dict()), (prefix,) if prefix else ())
 
 
-def convert_backbone_state(backbone: nn.Module, state: Dict[str, object]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """(tensors under `backbone`'s own keys, checkpoint keys the backbone does not have).
+def is_surplus(backbone: nn.Module, key: str) -> bool:
+    """True for a checkpoint key of a part an ImageNet network has and this backbone does not
+    build: the classifier (and Swin's final norm), stages after the last output."""
+    if isinstance(backbone, D2SwinTransformer):
+        built = len(backbone.layers)
+        m = re.match(r"layers\.(\d+)\.", key)
+        return (key.startswith(("head.", "norm.")) or (m is not None and int(m.group(1)) >= built)
+                or key.startswith(f"layers.{built - 1}.downsample."))
+    if isinstance(backbone, ResNet):
+        m = re.match(r"(res\d)\.", key)
+        return key.startswith("fc.") or (m is not None and m.group(1) not in backbone.stage_names)
+    return False
 
-    Derived buffers (relative position indices, attention masks) are dropped from both: the
-    backbone computes its own."""
+
+def convert_backbone_state(backbone: nn.Module, state: Dict[str, object]
+                           ) -> Tuple[Dict[str, torch.Tensor], List[str], List[str]]:
+    """(tensors under `backbone`'s own keys, surplus checkpoint keys (see `is_surplus`), other
+    checkpoint keys the backbone does not have), keys after renaming.
+
+    Derived buffers (relative position indices, attention masks) are dropped: the backbone
+    computes its own."""
     renamed = {k: v for k, v in to_backbone_keys(backbone, state).items() if not k.endswith(DERIVED_BUFFERS)}
     own = backbone.state_dict()
-    return {k: v for k, v in renamed.items() if k in own}, sorted(k for k in renamed if k not in own)
+    other = sorted(k for k in renamed if k not in own)
+    surplus = [k for k in other if is_surplus(backbone, k)]
+    return ({k: v for k, v in renamed.items() if k in own}, surplus,
+            [k for k in other if k not in set(surplus)])
 
 
 def wrapper_keys(backbone: nn.Module) -> List[str]:
