@@ -13,7 +13,7 @@ from PIL import Image
 from catseg.config import load_config
 from catseg.data.datasets import BENCHMARKS, DatasetNotFoundError
 from catseg.engine import CATSegTrainer
-from catseg.engine.benchmarks import PROTOCOLS, select_protocols
+from catseg.engine.benchmarks import PROTOCOLS, select_protocols, write_tables
 from helpers import CONFIGS
 from train_helpers import import_train_net
 
@@ -140,3 +140,15 @@ def test_benchmark_selection():
     assert select_protocols("ALL") == list(PROTOCOLS)
     with pytest.raises(ValueError, match="expected 'all' or some of a847"):
         select_protocols("coco")
+
+
+def test_table_has_a_tta_row_when_tta_ran(tmp_path):
+    metrics = {"mIoU": 50.0, "fwIoU": 60.0, "pACC": 70.0, "mACC": 1.0}
+    results = {p.name: {"sem_seg": metrics, "sem_seg_TTA": {**metrics, "mIoU": 51.25}} for p in PROTOCOLS[:2]}
+    write_tables(str(tmp_path), PROTOCOLS, results)
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert markdown[2:] == ["| sem_seg | 50.0 | 50.0 | - | - | - | - |", "| sem_seg_TTA | 51.2 | 51.2 | - | - | - | - |"]
+    assert (tmp_path / "table.csv").read_text().splitlines()[2] == "sem_seg_TTA,51.25,51.25,,,,"
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["rows"][1]["A-847"] == {"mIoU": 51.25, "fwIoU": 60.0, "pACC": 70.0}
+    assert table["not_evaluated"] == ["A-150", "PC-59", "PAS-20", "PAS-20b"]
