@@ -86,7 +86,7 @@ class CATSegCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
         self._source = ""
-        self._backbone_init = None  # (layout name, number of checkpoint tensors) for a backbone-only checkpoint
+        self._backbone_init = None  # backbone-only checkpoint: (layout name, surplus keys, other unused keys)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -163,4 +163,3 @@ class CATSegTrainer(DefaultTrainer):
         if cfg.TEST.AUG.ENABLED:
             results.update(cls.test_with_tta(cfg, model))
         return results
-
