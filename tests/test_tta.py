@@ -11,9 +11,11 @@ from catseg.config import load_config
 from catseg.modeling.tta import CATSegWithTTA
 from catseg.predictor import OpenVocabPredictor
 from helpers import CONFIGS
+from test_benchmarks import SMALL
 from train_helpers import import_train_net
 
-TTA = ["MODEL.DEVICE", "cpu", "TEST.AUG.ENABLED", "True", "TEST.AUG.MAX_SIZE", "4000", "TEST.AUG.FLIP", "True"]
+# SMALL: the tiny model at a 64-pixel geometry, one prompt template (speed only)
+TTA = SMALL + ["TEST.AUG.ENABLED", "True", "TEST.AUG.MAX_SIZE", "4000", "TEST.AUG.FLIP", "True"]
 
 
 def test_flip_only_tta_is_the_mean_of_plain_and_flipped_back():
@@ -52,7 +54,7 @@ def test_eval_reports_tta_metrics_beside_plain(tmp_path, registered_datasets):
         "--config-file", str(CONFIGS / "tiny.yaml"), "--eval-only", *TTA, "TEST.AUG.MIN_SIZES", "(32, 48)",
         "DATASETS.CUSTOM", str([f"tta_mini:{data}/img:{data}/lbl:{data}/classes.json"]),
         "DATASETS.TEST", "('tta_mini',)", "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", f"{data}/classes.json",
-        "MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE", "single", "INPUT.MIN_SIZE_TEST", "40", "OUTPUT_DIR", str(out)])
+        "INPUT.MIN_SIZE_TEST", "40", "OUTPUT_DIR", str(out)])
     train_net.main(args)
     metrics = json.loads((out / "metrics_eval.json").read_text())
     assert set(metrics) == {"sem_seg", "sem_seg_TTA"}
