@@ -8,6 +8,13 @@ Loading accepts detectron2 / official CAT-Seg files ({"model": state_dict, ...})
 missing key, unexpected key and shape mismatch is reported together in one readable summary
 (`format_mismatch_report`); with `strict` (MODEL.CHECKPOINT_STRICT) the summary is raised as
 `CheckpointMismatchError` instead of logged.
+
+A checkpoint without a CAT-Seg head is a guidance-backbone initialisation (ImageNet weights:
+the official detectron2 `.pkl` files, timm or torchvision checkpoints, `.safetensors` too): it
+is converted to the backbone's key names (catseg/modeling/backbone/convert.py) and the report
+covers the backbone only (the head and CLIP keep their initialisation): tensors loaded, backbone
+keys missing, the ImageNet network's parts the backbone does not build (classifier, later
+stages: listed, not an error), any other checkpoint key (unexpected).
 """
 import os
 import tempfile
@@ -16,6 +23,9 @@ from typing import Iterable, List, Sequence, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _filter_reused_missing_keys, _group_checkpoint_keys, _group_to_str
+
+from .modeling.backbone.convert import (convert_backbone_state, expected_keys, is_backbone_only, layout_name,
+                                        wrapper_keys)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -108,6 +118,7 @@ class CATSegCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
         self._source = ""
+        self._backbone_init = None  # backbone-only checkpoint: (layout name, surplus keys, other unused keys)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -130,16 +141,48 @@ class CATSegCheckpointer(DetectionCheckpointer):
         self._source = path
         return super().load(path, checkpointables)
 
+    def _load_file(self, filename: str):
+        if filename.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return {"model": load_file(filename)}
+        return super()._load_file(filename)
+
     def _load_model(self, checkpoint):
-        check_release(self._source, checkpoint["model"].keys(), self.model.state_dict().keys())
+        """A backbone-only checkpoint is renamed to `backbone.*` keys first (Caffe2 files keep
+        detectron2's own name-matching heuristics)."""
+        state = checkpoint["model"]
+        check_release(self._source, state.keys(), self.model.state_dict().keys())
+        self._backbone_init = None
+        if is_backbone_only(state) and hasattr(self.model, "backbone") and checkpoint.get("__author__") != "Caffe2":
+            backbone = self.model.backbone
+            converted, surplus, unexpected = convert_backbone_state(backbone, state)
+            self._backbone_init = (layout_name(backbone, state), surplus, unexpected)
+            checkpoint["model"] = {f"backbone.{k}": v for k, v in converted.items()}
+            checkpoint["matching_heuristics"] = False
         return super()._load_model(checkpoint)
 
     def _log_incompatible_keys(self, incompatible) -> None:
         wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in _filter_reused_missing_keys(self.model, incompatible.missing_keys)
                    if k not in wrong_shape]
-        report = format_mismatch_report(self._source, missing, incompatible.unexpected_keys,
-                                        incompatible.incorrect_shapes)
+        unexpected = list(incompatible.unexpected_keys)
+        if self._backbone_init is not None:
+            layout, surplus, other = self._backbone_init
+            expected = {f"backbone.{k}" for k in expected_keys(self.model.backbone)}
+            missing = [k for k in missing if k in expected]
+            unexpected += other
+            loaded = len(expected) - len(missing) - len(wrong_shape)
+            lines = [f"Backbone initialised from {self._source} ({layout} layout): "
+                     f"{loaded} of {len(expected)} backbone tensors loaded"]
+            fresh = wrapper_keys(self.model.backbone)
+            if fresh:
+                lines.append(f"  kept at initialisation (in no ImageNet checkpoint): {', '.join(_group_keys(fresh, 5))}")
+            if surplus:
+                lines.append(f"  not used (classifier, stages after the last output): {len(surplus)} tensors: "
+                             f"{', '.join(_group_keys(surplus, 3))}")
+            self.logger.info("\n".join(lines))
+        report = format_mismatch_report(self._source, missing, unexpected, incompatible.incorrect_shapes)
         if not report:
             self.logger.info(f"Loaded {self._source}: all keys match (0 missing, 0 unexpected)")
         elif self.strict:

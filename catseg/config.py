@@ -10,16 +10,20 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
+from .official_config import apply_official_keys
+
 
 def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
     """A catseg config from a YAML path (or a copy of a CfgNode), with KEY VALUE overrides."""
     if isinstance(config, CN):
         cfg = config.clone()
+        cfg.defrost()
     else:
         cfg = get_cfg()
         add_catseg_config(cfg)
         cfg.merge_from_file(str(config))
     cfg.merge_from_list(list(opts))
+    apply_official_keys(cfg)
     return cfg
 
 
@@ -151,3 +155,17 @@ def add_catseg_config(cfg):
     cfg.TEST.SLIDING_OUT_RES = (640, 640)  # image is resized to this before cropping
     cfg.TEST.BF16 = False  # approximate: run inference under bfloat16 autocast
     cfg.TEST.MAX_INPUT_SIDE = 1280  # OpenVocabPredictor: longer images are first downscaled to this side (0: never)
+
+    # ---------------------------------------------------------------- recipes: official keys, backbone init, TTA
+    # Keys of the official CAT-Seg code at their official place, so that official files load
+    # unchanged (catseg/official_config.py). A mapped key, when set, is copied by load_config to
+    # catseg's key and wins over it; the accepted keys change nothing in the official code either.
+    cfg.MODEL.PROMPT_ENSEMBLE_TYPE = ""  # official place of SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE ("": use that one)
+    cfg.MODEL.CLIP_PIXEL_MEAN = []  # official place of SEM_SEG_HEAD.CLIP_PIXEL_MEAN ([]: use that one)
+    cfg.MODEL.CLIP_PIXEL_STD = []  # official place of SEM_SEG_HEAD.CLIP_PIXEL_STD ([]: use that one)
+    cfg.MODEL.PROMPT_ENSEMBLE = False  # accepted only: declared but read by no official code path
+    cfg.DATASETS.VAL_ALL = ()  # accepted only: declared but read by no official code path
+    head.TRAIN_CLASS_INDEXES = ""  # accepted only: official zero-shot split file, read by no official code path
+    head.TEST_CLASS_INDEXES = ""  # accepted only: official zero-shot split file, read by no official code path
+    # Guidance-backbone initialisation for training from scratch (catseg/modeling/backbone/pretrained.py).
+    cfg.MODEL.BACKBONE.PRETRAINED = ""  # "timm:ARCH.TAG", "torchvision:ARCH.WEIGHTS" or a local file; used when MODEL.WEIGHTS is "" and nothing is resumed

@@ -9,7 +9,8 @@
 
 Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see catseg.image_io).
 A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
-Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW; the device follows
+Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW, test-time augmentation
+cfg.TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP); the device follows
 cfg.MODEL.DEVICE ("cuda" without a GPU: the CPU, with a warning); everything runs under torch.inference_mode.
 
 Memory bound: an image whose longer side exceeds cfg.TEST.MAX_INPUT_SIDE (default 1280) is
@@ -32,6 +33,7 @@ from detectron2.modeling import build_model
 from .checkpoint import CATSegCheckpointer
 from .config import load_config
 from .image_io import ImageInput, load_image
+from .modeling.tta import CATSegWithTTA
 from .vocabulary import clean_vocabulary
 
 
@@ -83,6 +85,8 @@ class OpenVocabPredictor:
                           UserWarning, stacklevel=2)
             self.cfg.MODEL.DEVICE = "cpu"
         self.model = build_model(self.cfg).eval()
+        # TEST.AUG.ENABLED: every image runs through test-time augmentation (catseg/modeling/tta.py)
+        self.network = CATSegWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else self.model
         weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
         if weights:
             CATSegCheckpointer(self.model, strict=self.cfg.MODEL.CHECKPOINT_STRICT).load(weights)
@@ -132,7 +136,7 @@ class OpenVocabPredictor:
         """One network pass over prepared images (see `prepare`)."""
         inputs = [{"image": torch.from_numpy(rgb).permute(2, 0, 1).float(), "height": rgb.shape[0],
                    "width": rgb.shape[1]} for rgb, _ in prepared]
-        outputs = self.model(inputs)
+        outputs = self.network(inputs)
         classes = self.classes
         return [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
                              classes=classes, image=rgb, image_size=size)

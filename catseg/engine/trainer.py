@@ -10,8 +10,9 @@ Differences from DefaultTrainer:
   data seed is saved in checkpoints, so resumed weights equal uninterrupted ones;
 - DDP without device_ids on CPU (gloo processes started by `catseg.engine.launch`);
 - checkpoints through `CATSegCheckpointer` (atomic saves, one mismatch report, strict option);
+  a run from scratch starts the guidance backbone from MODEL.BACKBONE.PRETRAINED (ImageNet);
 - evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
-  that each dataset's folders exist.
+  that each dataset's folders exist; `evaluate` adds test-time augmentation (TEST.AUG) results.
 """
 import logging
 import os
@@ -28,6 +29,8 @@ from ..checkpoint import CATSegCheckpointer
 from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..evaluation import build_evaluator
+from ..modeling.backbone.pretrained import initial_backbone_source, resolve_pretrained
+from ..modeling.tta import CATSegWithTTA
 from .data_stream import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
@@ -101,6 +104,10 @@ class CATSegTrainer(DefaultTrainer):
         self.train_sampler.seed = seed
 
     def resume_or_load(self, resume=True):
+        """Resume, or load MODEL.WEIGHTS, or (neither given) MODEL.BACKBONE.PRETRAINED into the backbone."""
+        source = initial_backbone_source(self.cfg, resume and self.checkpointer.has_checkpoint())
+        if source:
+            self.checkpointer.load(resolve_pretrained(source), checkpointables=[])
         super().resume_or_load(resume=resume)
         self.train_sampler.set_start_iter(self.start_iter)
 
@@ -140,3 +147,19 @@ class CATSegTrainer(DefaultTrainer):
         prepare_datasets(cfg, cfg.DATASETS.TEST)
         return super().test(cfg, model, evaluators)
 
+    @classmethod
+    def test_with_tta(cls, cfg, model):
+        """`test` of the model under test-time augmentation (catseg/modeling/tta.py); results
+        under "<name>_TTA", evaluator files in OUTPUT_DIR/inference_TTA (as the official trainer)."""
+        evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+                      for name in cfg.DATASETS.TEST]
+        results = cls.test(cfg, CATSegWithTTA(cfg, model), evaluators)
+        return {f"{k}_TTA": v for k, v in results.items()}
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """`test`, plus `test_with_tta` beside it when TEST.AUG.ENABLED."""
+        results = dict(cls.test(cfg, model))
+        if cfg.TEST.AUG.ENABLED:
+            results.update(cls.test_with_tta(cfg, model))
+        return results
