@@ -10,7 +10,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
-from .official_config import apply_official_keys
+from .official_config import apply_cvpr24_release, apply_official_keys, is_official_cvpr24_file
 
 
 def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
@@ -22,6 +22,8 @@ def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
         cfg = get_cfg()
         add_catseg_config(cfg)
         cfg.merge_from_file(str(config))
+        if is_official_cvpr24_file(str(config)):
+            apply_cvpr24_release(cfg)
     cfg.merge_from_list(list(opts))
     apply_official_keys(cfg)
     return cfg

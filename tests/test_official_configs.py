@@ -4,8 +4,9 @@ For every official v1 file: its built model's state_dict manifest equals the off
 every config value equals our config's, except the values listed in NO_EFFECT (each with why
 it changes nothing here) and the ones compared by effect (class lists by their names, pooling
 by what training and inference use). The benchmark files are compared with the official
-`eval.sh` overrides applied, against our benchmark configs. CVPR'24 files: loading only (their
-model is issue "CAT-Seg CVPR'24"), and recognised as CVPR'24 files.
+`eval.sh` overrides applied, against our benchmark configs. CVPR'24 files: recognised as
+CVPR'24 files, they build the official CVPR'24 manifests, and every value that the CVPR'24
+model reads equals our configs/cvpr24 file's.
 """
 import pytest
 import torch
@@ -123,6 +124,23 @@ def test_official_cvpr24_files_load_and_are_recognised(shared, name):
     cfg = load_config(path)
     assert cfg.MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE == "single"
     assert is_official_cvpr24_file(str(path))
+
+
+@pytest.mark.parametrize("name", ["vitb_384.yaml", "vitl_336.yaml"])
+def test_official_cvpr24_file_builds_official_manifest_and_equals_our_config(shared, name):
+    path = shared / "reference" / "official_configs" / "cvpr24" / name
+    theirs, mine = load_config(path), load_config(CONFIGS / "cvpr24" / name)
+    # The CVPR'24 model builds no backbone and ignores the backbone's pixel statistics.
+    unread = ("MODEL.BACKBONE.", "MODEL.SWIN.", "MODEL.RESNETS.", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD")
+    a, b = flatten(theirs), flatten(mine)
+    differ = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
+              if a.get(k) != b.get(k) and k not in NO_EFFECT and k not in BY_EFFECT and not k.startswith(unread)}
+    assert differ == {}
+    assert effects(theirs, True) == effects(mine, True)
+    torch.manual_seed(0)
+    model = build_model(load_config(path, RANDOM_CLIP))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == read_tsv(shared / "reference" / "official_cvpr24_state_dict" / name.replace(".yaml", ".tsv"))
 
 
 def test_official_cvpr24_base_loads(shared):
