@@ -117,12 +117,17 @@ def test_official_swin_pkl_loads(tmp_path, caplog, d2_swin_b, timm_swin):
     """The official swin_base_patch4_window12_384_22k.pkl layout: the original Swin keys as numpy
     arrays in a detectron2 model-zoo dict (the timm test shows these keys give timm's features)."""
     state = {k: v.numpy() for k, v in swin_from_timm(timm_swin.state_dict()).items()}
-    path = tmp_path / "swin_base_patch4_window12_384_22k.pkl"
+    check_pkl_loads(tmp_path / "swin_base_patch4_window12_384_22k.pkl", state, "third_party", d2_swin_b,
+                    "detectron2 / original Swin layout", caplog)
+
+
+def check_pkl_loads(path, state, author, model, layout, caplog):
+    """`state` written as a detectron2 model-zoo .pkl loads into `model`, reported as `layout`."""
     with open(path, "wb") as f:
-        pickle.dump({"model": state, "__author__": "third_party", "matching_heuristics": True}, f)
-    log = load_into(scrambled(d2_swin_b), path, caplog)
-    assert "(detectron2 / original Swin layout)" in log and "missing (in the model" not in log
-    assert_holds(d2_swin_b, {k: v for k, v in state.items() if k in d2_swin_b.state_dict()})
+        pickle.dump({"model": state, "__author__": author, "matching_heuristics": True}, f)
+    log = load_into(scrambled(model), path, caplog)
+    assert f"({layout})" in log and "missing (in the model" not in log
+    assert_holds(model, {k: v for k, v in state.items() if k in model.state_dict()})
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +178,7 @@ def test_official_r101_pkl_loads(tmp_path, caplog, d2_r101, torchvision_r101):
     """The official R-101.pkl layout: torchvision's weights under detectron2 names, numpy arrays
     (the torchvision test shows these keys give torchvision's features)."""
     state = {k: v.numpy() for k, v in resnet_from_torchvision(torchvision_r101.state_dict()).items()}
-    path = tmp_path / "R-101.pkl"
-    with open(path, "wb") as f:
-        pickle.dump({"model": state, "__author__": "torchvision", "matching_heuristics": True}, f)
-    log = load_into(scrambled(d2_r101), path, caplog)
-    assert "(detectron2 ResNet layout)" in log and "missing (in the model" not in log
-    assert_holds(d2_r101, {k: v for k, v in state.items() if k in d2_r101.state_dict()})
+    check_pkl_loads(tmp_path / "R-101.pkl", state, "torchvision", d2_r101, "detectron2 ResNet layout", caplog)
 
 
 @pytest.mark.parametrize("config,prefix", [("backbones/tiny/vit.yaml", "vit."), ("backbones/tiny/twins_svt.yaml", "twins.")])
