@@ -7,16 +7,17 @@ import pytest
 from train_helpers import mini_quickstart, quickstart_opts, run_train_net
 
 
-def _train_net(args):
-    proc = run_train_net(["--config-file", "configs/quickstart.yaml", *args])
+def _train_net(config, args):
+    proc = run_train_net(["--config-file", config, *args])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
-def test_two_process_training_and_evaluation(tmp_path):
+@pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/cvpr24/quickstart.yaml"])
+def test_two_process_training_and_evaluation(tmp_path, config):
     data = mini_quickstart(tmp_path / "qs", train=4, val=3)
     train_out = tmp_path / "train"
-    _train_net(["--num-gpus", "2", *quickstart_opts(data, train_out), "SOLVER.MAX_ITER", "2",
+    _train_net(config, ["--num-gpus", "2", *quickstart_opts(data, train_out), "SOLVER.MAX_ITER", "2",
                 "SOLVER.IMS_PER_BATCH", "2"])
     events = [json.loads(line) for line in (train_out / "metrics.json").read_text().splitlines()]
     assert any("sem_seg/mIoU" in e for e in events), "final evaluation ran during training"
@@ -26,7 +27,7 @@ def test_two_process_training_and_evaluation(tmp_path):
     results = {}
     for n in (1, 2):
         out = tmp_path / f"eval{n}"
-        _train_net(["--num-gpus", str(n), "--eval-only", *quickstart_opts(data, out), "MODEL.WEIGHTS", weights])
+        _train_net(config, ["--num-gpus", str(n), "--eval-only", *quickstart_opts(data, out), "MODEL.WEIGHTS", weights])
         results[n] = json.loads((out / "metrics_eval.json").read_text())
     assert results[1] == results[2]
     assert results[1]["sem_seg"]["mIoU"] == pytest.approx(

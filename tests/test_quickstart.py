@@ -10,8 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from catseg.data.datasets import register_custom_dataset
 from catseg.data.quickstart import CLASSES, generate, make_sample
 from catseg.engine import CATSegTrainer
-from helpers import make_cfg
-from train_helpers import mini_quickstart, quickstart_cfg, quickstart_opts
+from train_helpers import mini_quickstart, quickstart_cfg
 
 
 def _digest(folder):
@@ -58,8 +57,8 @@ def test_shortened_cvpr24_quickstart_learns(tmp_path):
     """configs/cvpr24/quickstart.yaml: CLIP-block guidance, both CLIP towers training (text
     embeddings recomputed with gradients every step), class padding to 256."""
     data = mini_quickstart(tmp_path / "qs", train=32, val=8, size=64)
-    cfg = make_cfg("cvpr24/quickstart.yaml", quickstart_opts(data, tmp_path / "out", SOLVER__MAX_ITER=100,
-                                                             SOLVER__CHECKPOINT_PERIOD=1000))
+    cfg = quickstart_cfg(data, tmp_path / "out", "cvpr24/quickstart.yaml", SOLVER__MAX_ITER=100,
+                         SOLVER__CHECKPOINT_PERIOD=1000)
 
     def text_tower_trains(model):
         assert model.clip_encoder.text_trainable

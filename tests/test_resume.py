@@ -40,9 +40,9 @@ class Crash(hooks.HookBase):
             raise KeyboardInterrupt("simulated kill")
 
 
-def _trainer(data, out, workers, seed=-1):
+def _trainer(data, out, workers, seed=-1, config="quickstart.yaml"):
     torch.manual_seed(0)  # same initial weights in both runs (train_net seeds via default_setup)
-    cfg = quickstart_cfg(data, out, SOLVER__MAX_ITER=N, SOLVER__CHECKPOINT_PERIOD=N // 2,
+    cfg = quickstart_cfg(data, out, config, SOLVER__MAX_ITER=N, SOLVER__CHECKPOINT_PERIOD=N // 2,
                          SOLVER__IMS_PER_BATCH=2, DATASETS__TEST="()", INPUT__COLOR_AUG_SSD=True,
                          MODEL__SWIN__DROP_PATH_RATE=0.3, DATALOADER__NUM_WORKERS=workers, SEED=seed)
     return CATSegTrainer(cfg)
@@ -59,18 +59,19 @@ def data(tmp_path_factory):
     return mini_quickstart(tmp_path_factory.mktemp("qs"), train=5, val=1)
 
 
-def test_resume_is_exact(data, tmp_path):
+@pytest.mark.parametrize("config", ["quickstart.yaml", "cvpr24/quickstart.yaml"])
+def test_resume_is_exact(data, tmp_path, config):
     full_log, first_log, second_log = [], [], []
-    _run(_trainer(data, tmp_path / "full", workers=0, seed=7), full_log)
+    _run(_trainer(data, tmp_path / "full", workers=0, seed=7, config=config), full_log)
 
-    interrupted = _trainer(data, tmp_path / "split", workers=2, seed=7)
+    interrupted = _trainer(data, tmp_path / "split", workers=2, seed=7, config=config)
     interrupted.register_hooks([Crash(N // 2 - 1)])
     with pytest.raises(KeyboardInterrupt):
         _run(interrupted, first_log)
     assert (tmp_path / "split" / "last_checkpoint").read_text() == f"model_{N // 2 - 1:07d}.pth"
 
     # SEED -1 (random): the data seed 7 must come back from the checkpoint
-    resumed = _trainer(data, tmp_path / "split", workers=2, seed=-1)
+    resumed = _trainer(data, tmp_path / "split", workers=2, seed=-1, config=config)
     _run(resumed, second_log, resume=True)
     assert resumed.start_iter == N // 2
 

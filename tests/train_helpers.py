@@ -34,8 +34,9 @@ def quickstart_opts(data: Path, out: Path, **solver):
     return opts
 
 
-def quickstart_cfg(data: Path, out: Path, **solver):
-    return make_cfg("quickstart.yaml", quickstart_opts(data, out, **solver))
+def quickstart_cfg(data: Path, out: Path, config: str = "quickstart.yaml", **solver):
+    """configs/`config` (a quick-start config) with `quickstart_opts`."""
+    return make_cfg(config, quickstart_opts(data, out, **solver))
 
 
 def run_train_net(args, **env) -> subprocess.CompletedProcess:
