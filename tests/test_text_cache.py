@@ -8,6 +8,7 @@ import torch
 
 from catseg.data.class_names import load_class_names
 from catseg.modeling import clip, text_cache
+from catseg.modeling.clip_encoder import DenseCLIPEncoder
 from catseg.modeling.text_cache import CachedTextEncoder, TextEmbeddingCache, cache_key, text_tower_fingerprint
 
 NAMES = ["cat", "sky, heaven", "traffic light"]
@@ -17,7 +18,7 @@ TEMPLATES = clip.prompt_templates("imagenet_select")
 @pytest.fixture()
 def tiny_clip():
     model, tokenizer = clip.build_clip("ViT-B/16", "catseg-tiny-clip", "random", seed=1)
-    return model.eval(), tokenizer
+    return DenseCLIPEncoder(model).eval(), tokenizer
 
 
 def fresh_encoder(directory):
@@ -73,7 +74,7 @@ def test_visual_weights_and_logit_scale_do_not_matter(tiny_clip, tmp_path):
 
 def test_fingerprint_follows_loaded_weights(tiny_clip):
     model, _ = tiny_clip
-    other, _ = clip.build_clip("ViT-B/16", "catseg-tiny-clip", "random", seed=2)
+    other = DenseCLIPEncoder(clip.build_clip("ViT-B/16", "catseg-tiny-clip", "random", seed=2)[0])
     before = text_tower_fingerprint(model)
     model.load_state_dict(other.state_dict())
     assert text_tower_fingerprint(model) == text_tower_fingerprint(other) != before
