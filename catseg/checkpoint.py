@@ -7,7 +7,8 @@ a save leaves the previous checkpoint and the tag pointing at it intact.
 Loading accepts detectron2 / official CAT-Seg files ({"model": state_dict, ...}). Every
 missing key, unexpected key and shape mismatch is reported together in one readable summary
 (`format_mismatch_report`); with `strict` (MODEL.CHECKPOINT_STRICT) the summary is raised as
-`CheckpointMismatchError` instead of logged.
+`CheckpointMismatchError` instead of logged. A missing or unreadable (corrupt, truncated, not a
+checkpoint) file raises `catseg.errors.WeightsError` naming the file.
 """
 import os
 import tempfile
@@ -17,8 +18,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _filter_reused_missing_keys, _group_checkpoint_keys, _group_to_str
 
+from .errors import WeightsError
 
-class CheckpointMismatchError(RuntimeError):
+
+class CheckpointMismatchError(WeightsError, RuntimeError):
     """The checkpoint's keys or shapes do not match the model (MODEL.CHECKPOINT_STRICT)."""
 
 
@@ -96,7 +99,16 @@ class CATSegCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         self._source = path
+        if path and "://" not in path and not os.path.isfile(path):
+            raise WeightsError(f"weights file {path} not found (MODEL.WEIGHTS)")
         return super().load(path, checkpointables)
+
+    def _load_file(self, filename: str):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:  # whatever torch.load / pickle raise on a file that is no checkpoint
+            raise WeightsError(f"weights file {filename} is not a readable checkpoint: corrupt, truncated "
+                               f"or another format (torch.load: {type(e).__name__})") from e
 
     def _log_incompatible_keys(self, incompatible) -> None:
         wrong_shape = {k for k, _, _ in incompatible.incorrect_shapes}

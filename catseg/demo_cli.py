@@ -29,7 +29,9 @@ JSON schema ("catseg-demo/1"):
 
 Prints a one-line summary per image and a progress bar. A file that cannot be read is reported
 and skipped. Exit code: 0 when every input was processed, 1 when any failed (or an input
-matched nothing), 2 for usage errors (bad arguments, empty vocabulary).
+matched nothing), 2 for usage and start-up errors (bad arguments, empty vocabulary, missing
+config file or weights, unknown config key, unwritable output): one `error: ...` line, no
+traceback (`--debug` or CATSEG_DEBUG=1 shows it).
 """
 import argparse
 import glob
@@ -44,7 +46,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .console import setup_cli_logging, silence_dependency_warnings
+from .errors import report_errors
 from .image_io import IMAGE_EXTENSIONS, ImageReadError
+from .output_dir import make_output_dir
 from .overlay import render_overlay
 from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, parse_vocabulary, read_vocabulary_file
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
     vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
     p.add_argument("--batch-size", type=int, default=2, help="images per network pass")
+    p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
 
@@ -153,17 +159,16 @@ def choose_vocabulary(args) -> Optional[List[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_cli_logging()
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always")  # ours: every time, one line each
+        silence_dependency_warnings()
         warnings.showwarning = lambda message, *_, **__: print(f"WARNING: {message}", file=sys.stderr)
-        return run(args)
+        return report_errors(lambda: run(args), debug=args.debug)
 
 
 def run(args) -> int:
     """The demo on parsed arguments (see the module docstring); returns the exit code."""
-    if len(args.opts) % 2:
-        print("error: --opts takes KEY VALUE pairs", file=sys.stderr)
-        return 2
     try:
         vocabulary = choose_vocabulary(args)
     except (EmptyVocabularyError, FileNotFoundError, ValueError) as e:
@@ -178,6 +183,7 @@ def run(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 1
+    out_dir = make_output_dir(args.output)
 
     predictor = OpenVocabPredictor(config, opts=args.opts, batch_size=args.batch_size)
     weights = predictor.cfg.MODEL.WEIGHTS
@@ -189,8 +195,6 @@ def run(args) -> int:
     print(f"vocabulary: {len(classes)} classes x {len(predictor.head.prompt_templates)} templates, "
           f"text embeddings in {predictor.text_seconds:.2f} s{cache}", file=sys.stderr)
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     failures = len(unmatched)
     stems = output_stems(files)
     with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:

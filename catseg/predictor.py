@@ -10,7 +10,11 @@
 Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see catseg.image_io).
 A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
 Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW; the device follows
-cfg.MODEL.DEVICE ("cuda" without a GPU: the CPU, with a warning); everything runs under torch.inference_mode.
+cfg.MODEL.DEVICE ("cuda" without a GPU: the CPU, see catseg.config.resolve_device); everything
+runs under torch.inference_mode.
+
+Start-up problems raise catseg.errors.CatsegError subclasses with a one-line message: ConfigError
+(missing config file, unknown key, ...) and WeightsError (missing, corrupt or mismatched weights).
 
 Memory bound: an image whose longer side exceeds cfg.TEST.MAX_INPUT_SIDE (default 1280) is
 first downscaled to it (area resampling; JPEGs decode directly at a reduced scale), so the
@@ -20,7 +24,6 @@ always sees fixed-size views (CLIP / backbone resolution, or the sliding-window 
 TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size.
 """
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -31,6 +34,8 @@ from detectron2.modeling import build_model
 
 from .checkpoint import CATSegCheckpointer
 from .config import load_config
+from .data.dataset_classes import resolve_class_lists
+from .data.datasets import register_from_config
 from .image_io import ImageInput, load_image
 from .vocabulary import clean_vocabulary
 
@@ -78,10 +83,10 @@ class OpenVocabPredictor:
     def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
                  batch_size: int = 2, max_side: Optional[int] = None):
         self.cfg = load_config(config, opts)
-        if self.cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-            warnings.warn(f"MODEL.DEVICE is {self.cfg.MODEL.DEVICE!r} but CUDA is not available: running on the CPU",
-                          UserWarning, stacklevel=2)
-            self.cfg.MODEL.DEVICE = "cpu"
+        head = self.cfg.MODEL.SEM_SEG_HEAD
+        if not (head.TRAIN_CLASS_JSON and head.TEST_CLASS_JSON):  # "": the datasets' class list
+            register_from_config(self.cfg)
+            resolve_class_lists(self.cfg, train=False, check=False)
         self.model = build_model(self.cfg).eval()
         weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
         if weights:
