@@ -139,7 +139,7 @@ def resolve_device(cfg: CN) -> None:
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         was_frozen = cfg.is_frozen()
         cfg.defrost()
-        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.DEVICE = "cpu"  # the fallback of resolve_device (not a key declaration)
         if was_frozen:
             cfg.freeze()
         logger.info("device: cpu (CUDA is not available)")
