@@ -261,6 +261,12 @@ def add_catseg_config(cfg):
     head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
     head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB (cache- and allocator-friendly; 0: off)
 
+    # ---------------------------------------------------------------- SAM-refined mode (front door; catseg/sam_refine.py)
+    cfg.MODEL.SAM = CN()
+    cfg.MODEL.SAM.WEIGHTS = ""  # local Segment Anything checkpoint for the SAM-refined mode (--refine sam)
+    cfg.MODEL.SAM.TYPE = "vit_h"  # its architecture: "vit_h", "vit_l" or "vit_b" (segment-anything's registry)
+    cfg.MODEL.SAM.POINTS_PER_SIDE = 32  # automatic masks: point prompts per image side
+
     # ---------------------------------------------------------------- inference
     cfg.TEST.POOLING_SIZES = []  # class-aggregation pooling at inference ([]: MODEL.SEM_SEG_HEAD.POOLING_SIZES)
     cfg.TEST.SLIDING_WINDOW = False  # sliding-window inference (official evaluation protocol)

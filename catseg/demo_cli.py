@@ -3,7 +3,9 @@
     catseg-demo --config-file configs/vitl_swinb_384.yaml --opts MODEL.WEIGHTS model.pth \\
         --input photos/ "more/*.jpg" --output out/ --vocab "cat, kitten; sofa; floor"
 
-Inputs: files, folders (their image files, not recursive) and glob patterns. Vocabulary: one of
+Inputs: files, folders (their image files, not recursive) and glob patterns. `--refine sam`
+labels Segment Anything's automatic masks with CAT-Seg (catseg/sam_refine.py; SAM weights from
+`--sam-weights` or MODEL.SAM.WEIGHTS). Vocabulary: one of
 --vocab "a, b; c" (";" separates classes, "," lists synonyms of one class), --vocab-file
 (.json list or .txt with one class per line) or --dataset-vocab (a shipped list: ade150,
 ade847, coco, pc59, pc459, voc20, voc20b); none: the config's TEST_CLASS_JSON.
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
     vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
     p.add_argument("--batch-size", type=int, default=2, help="images per network pass")
+    p.add_argument("--refine", choices=["sam"], help="sam: label Segment Anything's automatic masks with CAT-Seg")
+    p.add_argument("--sam-weights", help="local SAM checkpoint for --refine sam (config key MODEL.SAM.WEIGHTS)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
@@ -185,7 +189,8 @@ def run(args) -> int:
         return 1
     out_dir = make_output_dir(args.output)
 
-    predictor = OpenVocabPredictor(config, opts=args.opts, batch_size=args.batch_size)
+    opts = args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else [])
+    predictor = OpenVocabPredictor(config, opts=opts, batch_size=args.batch_size, refine=args.refine or "")
     weights = predictor.cfg.MODEL.WEIGHTS
     if args.config_file and not weights:
         print("WARNING: MODEL.WEIGHTS is empty: the CAT-Seg head has random weights", file=sys.stderr)

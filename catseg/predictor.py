@@ -25,7 +25,7 @@ TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size.
 """
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,7 +36,9 @@ from .checkpoint import CATSegCheckpointer
 from .config import load_config
 from .data.dataset_classes import resolve_class_lists
 from .data.datasets import register_from_config
+from .errors import ConfigError
 from .image_io import ImageInput, load_image
+from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
 
@@ -78,15 +80,21 @@ class OpenVocabPredictor:
         opts: KEY VALUE config overrides.
         batch_size: images per network pass.
         max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
+        refine: "sam" for SAM-refined labels (catseg.sam_refine; SAM from cfg.MODEL.SAM), "" for none.
+            `predictor.refiner` may also be set to any Segmentation -> Segmentation callable.
     """
 
     def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
-                 batch_size: int = 2, max_side: Optional[int] = None):
+                 batch_size: int = 2, max_side: Optional[int] = None, refine: str = ""):
         self.cfg = load_config(config, opts)
         head = self.cfg.MODEL.SEM_SEG_HEAD
         if not (head.TRAIN_CLASS_JSON and head.TEST_CLASS_JSON):  # "": the datasets' class list
             register_from_config(self.cfg)
             resolve_class_lists(self.cfg, train=False, check=False)
+        if refine not in ("", "sam"):
+            raise ConfigError(f"refine {refine!r}: expected \"sam\" or \"\"")
+        self.refiner: Optional[Callable[[Segmentation], Segmentation]] = \
+            SamRefiner.from_config(self.cfg) if refine == "sam" else None
         self.model = build_model(self.cfg).eval()
         weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
         if weights:
@@ -139,6 +147,7 @@ class OpenVocabPredictor:
                    "width": rgb.shape[1]} for rgb, _ in prepared]
         outputs = self.model(inputs)
         classes = self.classes
-        return [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
-                             classes=classes, image=rgb, image_size=size)
-                for out, (rgb, size) in zip(outputs, prepared)]
+        results = [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
+                                classes=classes, image=rgb, image_size=size)
+                   for out, (rgb, size) in zip(outputs, prepared)]
+        return [self.refiner(r) for r in results] if self.refiner else results

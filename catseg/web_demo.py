@@ -11,7 +11,8 @@ pixels) give a message in the page; the server keeps serving.
 Models: each --config-file (repeatable; --weights gives each its checkpoint, in order). None
 given: the quick-start model when `make demo` has trained it (output/quickstart/model_final.pth),
 else configs/tiny.yaml with random weights, behind a banner. One predictor per model is kept in
-memory; text embeddings come from the disk cache.
+memory; text embeddings come from the disk cache. "Refine with Segment Anything" labels SAM's
+automatic masks with CAT-Seg (catseg/sam_refine.py; SAM weights from --sam-weights).
 """
 import argparse
 import sys
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="catseg-web", description="CAT-Seg web demo (Gradio, 127.0.0.1).")
     p.add_argument("--config-file", action="append", default=[], help="model config; repeat for a model choice")
     p.add_argument("--weights", action="append", default=[], help="checkpoint of each --config-file, in order")
+    p.add_argument("--sam-weights", default="", help="local SAM checkpoint: enables the SAM-refined mode (MODEL.SAM.WEIGHTS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
@@ -62,14 +64,16 @@ class WebDemo:
     def __init__(self, models: Dict[str, Tuple[str, str]], opts: Sequence[str] = ()):
         self.models = models
         self.opts = list(opts)
-        self.predictors: Dict[str, OpenVocabPredictor] = {}
+        self.predictors: Dict[Tuple[str, str], OpenVocabPredictor] = {}
         self.out_root = Path(tempfile.mkdtemp(prefix="catseg-web-"))
 
-    def predictor(self, choice: str) -> OpenVocabPredictor:
-        if choice not in self.predictors:
+    def predictor(self, choice: str, refine: str = "") -> OpenVocabPredictor:
+        """The predictor of model `choice` (with `refine`, see OpenVocabPredictor), built once."""
+        if (choice, refine) not in self.predictors:
             config, weights = self.models[choice]
-            self.predictors[choice] = OpenVocabPredictor(config, weights=weights or None, opts=self.opts)
-        return self.predictors[choice]
+            self.predictors[choice, refine] = OpenVocabPredictor(config, weights=weights or None, opts=self.opts,
+                                                                 refine=refine)
+        return self.predictors[choice, refine]
 
     @staticmethod
     def vocabulary(text: str, benchmark: str) -> List[str]:
@@ -80,13 +84,13 @@ class WebDemo:
             return clean_vocabulary(load_class_names(benchmark))
         raise EmptyVocabularyError("empty vocabulary: type class names (\"cat, kitten; sofa\") or pick a benchmark")
 
-    def segment(self, image_path: Optional[str], text: str, benchmark: str, choice: str):
+    def segment(self, image_path: Optional[str], text: str, benchmark: str, choice: str, sam: bool = False):
         """-> (status, overlay path, legend, table rows, [label PNG, JSON]); errors -> status only."""
         if not image_path:
             return "Upload an image first.", None, "", [], []
         try:
             vocabulary = self.vocabulary(text, benchmark)
-            predictor = self.predictor(choice)
+            predictor = self.predictor(choice, "sam" if sam else "")
             start = time.perf_counter()
             result = predictor.predict(image_path, vocabulary)
             seconds = time.perf_counter() - start
@@ -120,6 +124,8 @@ def build_page(app: WebDemo, random_weights: bool):
                                         elem_id="benchmark")
                 choices = list(app.models)
                 model = gr.Dropdown(choices, value=choices[0], label="Model", elem_id="model")
+                sam = gr.Checkbox(False, label="Refine with Segment Anything (SAM masks labelled by CAT-Seg)",
+                                  elem_id="sam")
                 run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
                 status = gr.Markdown("", elem_id="status")
@@ -127,7 +133,7 @@ def build_page(app: WebDemo, random_weights: bool):
                 legend = gr.Markdown("", elem_id="legend")
                 table = gr.Dataframe(headers=["class", "pixel share"], label="Classes present", elem_id="table")
                 files = gr.File(label="Label map (PNG) and JSON", file_count="multiple", elem_id="downloads")
-        run.click(app.segment, [image, vocab, benchmark, model], [status, overlay, legend, table, files],
+        run.click(app.segment, [image, vocab, benchmark, model, sam], [status, overlay, legend, table, files],
                   show_progress="full")
     return page
 
@@ -138,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def start():
         models, random_weights = model_choices(args.config_file, args.weights)
-        app = WebDemo(models, args.opts)
+        app = WebDemo(models, args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []))
         app.predictor(next(iter(models)))  # load the first model now: start-up errors are one line here
         build_page(app, random_weights).queue().launch(server_name=args.host, server_port=args.port,
                                                        show_error=False, quiet=True)

@@ -26,8 +26,8 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
     pip_ torch==2.14.1 torchvision==0.29.1
 fi
 
-step "installing catseg and its dependencies (editable, with test tools and the web demo)"
-pip_ -e ".[test,web]"
+step "installing catseg and its dependencies (editable, with test tools, the web demo and SAM)"
+pip_ -e ".[test,web,sam]"
 
 # The web demo's browser test drives Debian's chromium through chromium-driver (selenium).
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
