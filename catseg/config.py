@@ -53,7 +53,7 @@ def _merge(merge, source: str) -> None:
     try:
         merge()
     except (KeyError, ValueError, AssertionError, SyntaxError) as e:
-        raise ConfigError(f"{source}: {str(e).strip(chr(39))}") from None
+        raise ConfigError(f"{source}: {e.args[0] if e.args else type(e).__name__}") from None
 
 
 def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:

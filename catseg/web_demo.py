@@ -133,6 +133,7 @@ def build_page(app: WebDemo, random_weights: bool):
                 legend = gr.Markdown("", elem_id="legend")
                 table = gr.Dataframe(headers=["class", "pixel share"], label="Classes present", elem_id="table")
                 files = gr.File(label="Label map (PNG) and JSON", file_count="multiple", elem_id="downloads")
+        image.change(lambda _: "", image, status)  # a new image: the last run's message no longer applies
         run.click(app.segment, [image, vocab, benchmark, model, sam], [status, overlay, legend, table, files],
                   show_progress="full")
     return page
@@ -146,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         models, random_weights = model_choices(args.config_file, args.weights)
         app = WebDemo(models, args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []))
         app.predictor(next(iter(models)))  # load the first model now: start-up errors are one line here
+        print(f"web demo on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr, flush=True)
         build_page(app, random_weights).queue().launch(server_name=args.host, server_port=args.port,
                                                        show_error=False, quiet=True)
         return 0

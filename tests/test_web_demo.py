@@ -51,8 +51,8 @@ def server(tmp_path_factory):
     browser_or_skip()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py"), "--config-file",
-                             str(REPO / "configs" / "tiny.yaml"), "--port", str(port), "--opts", "MODEL.DEVICE", "cpu"],
+    # no --config-file: the quick-start model if `make demo` trained it, else tiny + random weights (banner)
+    proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py"), "--port", str(port)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_for_port(port, proc)
@@ -79,22 +79,25 @@ def browser():
 
 
 def segment(driver, file: Path, vocabulary: str):
-    """Upload `file`, type `vocabulary`, press Segment; returns the status text once it changes."""
+    """Upload `file`, type `vocabulary`, press Segment; returns the status text once the run ends."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(driver, WAIT_S)
-    old_status = driver.find_element(By.ID, "status").text
     upload = driver.find_element(By.CSS_SELECTOR, "#image input[type=file]")
     upload.send_keys(str(file))
     wait.until(lambda d: file.stem in d.find_element(By.ID, "image").text)
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "")  # a new image clears the last message
     box = driver.find_element(By.CSS_SELECTOR, "#vocab textarea")
     box.clear()
     box.send_keys(vocabulary)
     driver.find_element(By.ID, "run").click()
-    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("Done", "Error"))
-               and d.find_element(By.ID, "status").text != old_status)
-    return driver.find_element(By.ID, "status").text
+    return wait.until(lambda d: _finished(d.find_element(By.ID, "status").text))
+
+
+def _finished(status: str):
+    """The status text once a run has finished (falsy while it runs)."""
+    return status if status.startswith(("Done", "Error")) else None
 
 
 def clear_upload(driver):
@@ -105,12 +108,31 @@ def clear_upload(driver):
     WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
 
 
+def test_model_choices_without_config(tmp_path, monkeypatch):
+    """No --config-file: the quick-start model once `make demo` trained it, else random weights (banner)."""
+    from catseg import web_demo
+
+    config, weights = tmp_path / "quickstart.yaml", tmp_path / "model_final.pth"
+    monkeypatch.setattr(web_demo, "QUICKSTART", (config, weights))
+    models, random_weights = web_demo.model_choices([], [])
+    assert random_weights and list(models.values()) == [(str(web_demo.TINY), "")]
+    weights.write_bytes(b"")
+    models, random_weights = web_demo.model_choices([], [])
+    assert not random_weights and list(models.values()) == [(str(config), str(weights))]
+    models, _ = web_demo.model_choices(["a.yaml", "b.yaml"], ["a.pth"])
+    assert list(models.values()) == [("a.yaml", "a.pth"), ("b.yaml", "")]
+
+
 def test_page_upload_vocabulary_overlay_legend_and_error(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server)
     WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "run"))
+    from catseg.web_demo import QUICKSTART
+    banner = browser.find_elements(By.ID, "banner")
+    assert bool(banner) == (not QUICKSTART[1].is_file())
+    assert not banner or "Random weights" in banner[0].text
     status = segment(browser, SAMPLE, "sky; sand; sea")
     assert status.startswith("Done"), status
     overlay = WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overlay img"))
