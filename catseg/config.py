@@ -137,9 +137,9 @@ def check_keys(cfg: CN, keys: Iterable[str], source: str) -> None:
 def resolve_device(cfg: CN) -> None:
     """MODEL.DEVICE "cuda..." without CUDA -> "cpu" (in place); logs one line naming the device."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        was_frozen = cfg.is_frozen()
+        was_frozen, model = cfg.is_frozen(), cfg.MODEL
         cfg.defrost()
-        cfg.MODEL.DEVICE = "cpu"  # the fallback of resolve_device (not a key declaration)
+        model.DEVICE = "cpu"
         if was_frozen:
             cfg.freeze()
         logger.info("device: cpu (CUDA is not available)")

@@ -71,6 +71,12 @@ def test_train_net_startup_mistakes(bad_files, index):
     assert expected in error_line(proc)
 
 
+def test_web_demo_startup_mistake(bad_files):
+    proc = run(["demo/app.py", "--config-file", "configs/tiny.yaml", "--weights", str(bad_files / "corrupt.pth"),
+                "--port", "1"])  # fails while loading, before binding any port
+    assert f"weights file {bad_files / 'corrupt.pth'} is not a readable checkpoint" in error_line(proc)
+
+
 def test_unwritable_output(bad_files):
     blocked = bad_files / "a_file" / "out"
     proc = run(["demo/demo.py", "--input", SAMPLE, "--output", str(blocked), "--vocab", "sky"])
