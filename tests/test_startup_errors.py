@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from catseg.config import load_config
-from catseg.errors import ConfigError, WeightsError
+from catseg.errors import DEBUG_ENV, ConfigError, WeightsError, report_errors
 from catseg.predictor import OpenVocabPredictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,11 +88,23 @@ def test_unwritable_output(bad_files):
 
 def test_train_net_without_config_and_debug_traceback():
     assert "pass --config-file" in error_line(run(["train_net.py"]))
-    debug_env = run(["train_net.py"], CATSEG_DEBUG="1")
     debug_flag = run(["demo/demo.py", "--debug", "--config-file", "missing.yaml", "--input", SAMPLE, "--output",
                       "unused", "--vocab", "sky"])
-    for proc in (debug_env, debug_flag):
-        assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    assert debug_flag.returncode != 0 and "Traceback" in debug_flag.stderr and "ConfigError" in debug_flag.stderr
+
+
+def test_report_errors(monkeypatch, capsys):
+    def fail():
+        raise ConfigError("config file x.yaml not found")
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        report_errors(fail)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: config file x.yaml not found\n"
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ConfigError):  # CATSEG_DEBUG=1: the exception (and its traceback) goes through
+        report_errors(fail)
+    assert report_errors(lambda: 5) == 5
 
 
 def test_train_net_help_is_catseg_own():
