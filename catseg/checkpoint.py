@@ -15,6 +15,8 @@ is converted to the backbone's key names (catseg/modeling/backbone/convert.py) a
 covers the backbone only (the head and CLIP keep their initialisation): tensors loaded, backbone
 keys missing, the ImageNet network's parts the backbone does not build (classifier, later
 stages: listed, not an error), any other checkpoint key (unexpected).
+A missing or unreadable (corrupt, truncated, not a checkpoint) file raises
+`catseg.errors.WeightsError` naming the file.
 """
 import os
 import tempfile
@@ -24,11 +26,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _filter_reused_missing_keys, _group_checkpoint_keys, _group_to_str
 
+from .errors import WeightsError
 from .modeling.backbone.convert import (convert_backbone_state, expected_keys, is_backbone_only, layout_name,
                                         wrapper_keys)
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(WeightsError, RuntimeError):
     """The checkpoint's keys or shapes do not match the model (MODEL.CHECKPOINT_STRICT)."""
 
 
@@ -139,6 +142,8 @@ class CATSegCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, checkpointables=None):
         self._source = path
+        if path and "://" not in path and not os.path.isfile(path):
+            raise WeightsError(f"weights file {path} not found (MODEL.WEIGHTS)")
         return super().load(path, checkpointables)
 
     def _load_file(self, filename: str):
@@ -146,7 +151,11 @@ class CATSegCheckpointer(DetectionCheckpointer):
             from safetensors.torch import load_file
 
             return {"model": load_file(filename)}
-        return super()._load_file(filename)
+        try:
+            return super()._load_file(filename)
+        except Exception as e:  # whatever torch.load / pickle raise on a file that is no checkpoint
+            raise WeightsError(f"weights file {filename} is not a readable checkpoint: corrupt, truncated "
+                               f"or another format (torch.load: {type(e).__name__})") from e
 
     def _load_model(self, checkpoint):
         """A backbone-only checkpoint is renamed to `backbone.*` keys first (Caffe2 files keep

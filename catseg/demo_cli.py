@@ -3,7 +3,9 @@
     catseg-demo --config-file configs/vitl_swinb_384.yaml --opts MODEL.WEIGHTS model.pth \\
         --input photos/ "more/*.jpg" --output out/ --vocab "cat, kitten; sofa; floor"
 
-Inputs: files, folders (their image files, not recursive) and glob patterns. Vocabulary: one of
+Inputs: files, folders (their image files, not recursive) and glob patterns. `--refine sam`
+labels Segment Anything's automatic masks with CAT-Seg (catseg/sam_refine.py; SAM weights from
+`--sam-weights` or MODEL.SAM.WEIGHTS). Vocabulary: one of
 --vocab "a, b; c" (";" separates classes, "," lists synonyms of one class), --vocab-file
 (.json list or .txt with one class per line) or --dataset-vocab (a shipped list: ade150,
 ade847, coco, pc59, pc459, voc20, voc20b); none: the config's TEST_CLASS_JSON.
@@ -29,7 +31,9 @@ JSON schema ("catseg-demo/1"):
 
 Prints a one-line summary per image and a progress bar. A file that cannot be read is reported
 and skipped. Exit code: 0 when every input was processed, 1 when any failed (or an input
-matched nothing), 2 for usage errors (bad arguments, empty vocabulary).
+matched nothing), 2 for usage and start-up errors (bad arguments, empty vocabulary, missing
+config file or weights, unknown config key, unwritable output): one `error: ...` line, no
+traceback (`--debug` or CATSEG_DEBUG=1 shows it).
 """
 import argparse
 import glob
@@ -44,7 +48,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .console import setup_cli_logging, silence_dependency_warnings
+from .errors import report_errors
 from .image_io import IMAGE_EXTENSIONS, ImageReadError
+from .output_dir import make_output_dir
 from .overlay import render_overlay
 from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, parse_vocabulary, read_vocabulary_file
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
     vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
     p.add_argument("--batch-size", type=int, default=2, help="images per network pass")
+    p.add_argument("--refine", choices=["sam"], help="sam: label Segment Anything's automatic masks with CAT-Seg")
+    p.add_argument("--sam-weights", help="local SAM checkpoint for --refine sam (config key MODEL.SAM.WEIGHTS)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
 
@@ -153,17 +163,16 @@ def choose_vocabulary(args) -> Optional[List[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_cli_logging()
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always")  # ours: every time, one line each
+        silence_dependency_warnings()
         warnings.showwarning = lambda message, *_, **__: print(f"WARNING: {message}", file=sys.stderr)
-        return run(args)
+        return report_errors(lambda: run(args), debug=args.debug)
 
 
 def run(args) -> int:
     """The demo on parsed arguments (see the module docstring); returns the exit code."""
-    if len(args.opts) % 2:
-        print("error: --opts takes KEY VALUE pairs", file=sys.stderr)
-        return 2
     try:
         vocabulary = choose_vocabulary(args)
     except (EmptyVocabularyError, FileNotFoundError, ValueError) as e:
@@ -178,8 +187,10 @@ def run(args) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 1
+    out_dir = make_output_dir(args.output)
 
-    predictor = OpenVocabPredictor(config, opts=args.opts, batch_size=args.batch_size)
+    opts = args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else [])
+    predictor = OpenVocabPredictor(config, opts=opts, batch_size=args.batch_size, refine=args.refine or "")
     weights = predictor.cfg.MODEL.WEIGHTS
     if args.config_file and not weights:
         print("WARNING: MODEL.WEIGHTS is empty: the CAT-Seg head has random weights", file=sys.stderr)
@@ -189,8 +200,6 @@ def run(args) -> int:
     print(f"vocabulary: {len(classes)} classes x {len(predictor.head.prompt_templates)} templates, "
           f"text embeddings in {predictor.text_seconds:.2f} s{cache}", file=sys.stderr)
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     failures = len(unmatched)
     stems = output_stems(files)
     with tqdm(total=len(files), unit="img", file=sys.stderr, dynamic_ncols=True) as bar:

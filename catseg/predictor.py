@@ -10,8 +10,12 @@
 Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see catseg.image_io).
 A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
 Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW, test-time augmentation
-cfg.TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP); the device follows
-cfg.MODEL.DEVICE ("cuda" without a GPU: the CPU, with a warning); everything runs under torch.inference_mode.
+cfg.TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP); the device follows cfg.MODEL.DEVICE ("cuda"
+without a GPU: the CPU, see catseg.config.resolve_device); everything runs under
+torch.inference_mode.
+
+Start-up problems raise catseg.errors.CatsegError subclasses with a one-line message: ConfigError
+(missing config file, unknown key, ...) and WeightsError (missing, corrupt or mismatched weights).
 
 Memory bound: an image whose longer side exceeds cfg.TEST.MAX_INPUT_SIDE (default 1280) is
 first downscaled to it (area resampling; JPEGs decode directly at a reduced scale), so the
@@ -21,9 +25,8 @@ always sees fixed-size views (CLIP / backbone resolution, or the sliding-window 
 TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size.
 """
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,8 +35,12 @@ from detectron2.modeling import build_model
 
 from .checkpoint import CATSegCheckpointer
 from .config import load_config
+from .data.dataset_classes import resolve_class_lists
+from .data.datasets import register_from_config
+from .errors import ConfigError
 from .image_io import ImageInput, load_image
 from .modeling.tta import CATSegWithTTA
+from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
 
@@ -75,15 +82,21 @@ class OpenVocabPredictor:
         opts: KEY VALUE config overrides.
         batch_size: images per network pass.
         max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
+        refine: "sam" for SAM-refined labels (catseg.sam_refine; SAM from cfg.MODEL.SAM), "" for none.
+            `predictor.refiner` may also be set to any Segmentation -> Segmentation callable.
     """
 
     def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
-                 batch_size: int = 2, max_side: Optional[int] = None):
+                 batch_size: int = 2, max_side: Optional[int] = None, refine: str = ""):
         self.cfg = load_config(config, opts)
-        if self.cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-            warnings.warn(f"MODEL.DEVICE is {self.cfg.MODEL.DEVICE!r} but CUDA is not available: running on the CPU",
-                          UserWarning, stacklevel=2)
-            self.cfg.MODEL.DEVICE = "cpu"
+        head = self.cfg.MODEL.SEM_SEG_HEAD
+        if not (head.TRAIN_CLASS_JSON and head.TEST_CLASS_JSON):  # "": the datasets' class list
+            register_from_config(self.cfg)
+            resolve_class_lists(self.cfg, train=False, check=False)
+        if refine not in ("", "sam"):
+            raise ConfigError(f"refine {refine!r}: expected \"sam\" or \"\"")
+        self.refiner: Optional[Callable[[Segmentation], Segmentation]] = \
+            SamRefiner.from_config(self.cfg) if refine == "sam" else None
         self.model = build_model(self.cfg).eval()
         # TEST.AUG.ENABLED: every image runs through test-time augmentation (catseg/modeling/tta.py)
         self.network = CATSegWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else self.model
@@ -138,6 +151,7 @@ class OpenVocabPredictor:
                    "width": rgb.shape[1]} for rgb, _ in prepared]
         outputs = self.network(inputs)
         classes = self.classes
-        return [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
-                             classes=classes, image=rgb, image_size=size)
-                for out, (rgb, size) in zip(outputs, prepared)]
+        results = [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
+                                classes=classes, image=rgb, image_size=size)
+                   for out, (rgb, size) in zip(outputs, prepared)]
+        return [self.refiner(r) for r in results] if self.refiner else results

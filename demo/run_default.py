@@ -28,12 +28,12 @@ def stage(title: str) -> None:
 
 # detectron2 logs the whole model and config; show only progress lines (the full log of each
 # train_net.py run is in its OUTPUT_DIR/log.txt).
-PROGRESS = re.compile(r"iter: |Starting training|Total training time|Start inference|Total inference time|Error|error")
+PROGRESS = re.compile(r"iter: |Starting training|Total training time|Start inference|Total inference time|^error: ")
 
 
 def run(args, progress_only: bool = False) -> None:
     print("$ " + " ".join(str(a) for a in args), flush=True)
-    proc = subprocess.Popen([sys.executable, "-W", "ignore"] + [str(a) for a in args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable] + [str(a) for a in args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = []
     for line in proc.stdout:

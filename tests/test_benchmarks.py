@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
 
 
 def run(train_net, argv):
-    return train_net.main(train_net.argument_parser().parse_args(argv))
+    return train_net.main(train_net.build_parser().parse_args(argv))
 
 
 def benchmark_argv(ckpt, out, *extra):
@@ -130,9 +130,9 @@ def test_strict_makes_a_missing_dataset_fatal_before_anything_runs(setup, tmp_pa
     root, ckpt = setup
     builtin_root(tmp_path / "empty")
     train_net = import_train_net()
-    args = train_net.argument_parser().parse_args(benchmark_argv(ckpt, tmp_path / "strict", "--strict"))
+    args = train_net.build_parser().parse_args(benchmark_argv(ckpt, tmp_path / "strict", "--strict"))
     with pytest.raises(DatasetNotFoundError, match="ADE20K_2021_17_01"):
-        train_net.check_inputs(load_config(args.config_file, args.opts), args)
+        train_net.prepare_config(args)
 
 
 def test_benchmark_selection():

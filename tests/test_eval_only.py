@@ -82,7 +82,7 @@ def test_custom_dataset_miou_matches_hand_computed_confusion(tmp_path, monkeypat
     monkeypatch.setattr(CATSeg, "forward", constructed_forward)
     data, out = tmp_path / "data", tmp_path / "out"
     train_net = import_train_net()
-    args = train_net.default_argument_parser().parse_args([
+    args = train_net.build_parser().parse_args([
         "--config-file", str(REPO / "configs" / "tiny.yaml"), "--eval-only", "MODEL.DEVICE", "cpu",
         "DATASETS.CUSTOM", str([f"mini:{data}/img:{data}/lbl:{data}/classes.json"]),
         "DATASETS.TEST", "('mini',)", "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", f"{data}/classes.json",

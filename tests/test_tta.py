@@ -50,7 +50,7 @@ def test_eval_reports_tta_metrics_beside_plain(tmp_path, registered_datasets):
     Image.fromarray(rng.randint(0, 3, (40, 52)).astype(np.uint8)).save(data / "lbl" / "a.png")
     (data / "classes.json").write_text(json.dumps(["cat", "dog", "bird"]))
     train_net = import_train_net()
-    args = train_net.argument_parser().parse_args([
+    args = train_net.build_parser().parse_args([
         "--config-file", str(CONFIGS / "tiny.yaml"), "--eval-only", *TTA, "TEST.AUG.MIN_SIZES", "(32, 48)",
         "DATASETS.CUSTOM", str([f"tta_mini:{data}/img:{data}/lbl:{data}/classes.json"]),
         "DATASETS.TEST", "('tta_mini',)", "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", f"{data}/classes.json",

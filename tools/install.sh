@@ -26,8 +26,19 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
     pip_ torch==2.14.1 torchvision==0.29.1
 fi
 
-step "installing catseg and its dependencies (editable, with test tools)"
-pip_ -e ".[test]"
+step "installing catseg and its dependencies (editable, with test tools, the web demo and SAM)"
+pip_ -e ".[test,web,sam]"
+
+# The web demo's browser test drives Debian's chromium through chromium-driver (selenium).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        step "installing chromium and chromium-driver (apt-get, for the web demo's browser test)"
+        apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }
+    else
+        step "chromium / chromium-driver missing: install them (apt-get install chromium chromium-driver) for the browser test"
+    fi
+fi
 
 # detectron2 is not on PyPI. A user who built it from source keeps their build.
 # (Deep imports, so that a copy cut short by an interruption is detected and redone.)

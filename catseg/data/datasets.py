@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..image_io import IMAGE_EXTENSIONS
 from ..palette import class_colors
+from ..errors import CatsegError
 from .class_names import load_class_names, resolve_class_list
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,11 @@ logger = logging.getLogger(__name__)
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(CatsegError, FileNotFoundError):
     """A dataset folder or file is missing; the message says how to obtain it."""
 
 
-class DatasetError(ValueError):
+class DatasetError(CatsegError, ValueError):
     """A dataset's content cannot be used (e.g. label ids outside the class list)."""
 
 
@@ -312,11 +313,18 @@ def parse_custom_spec(spec: str) -> dict:
 
 
 def register_from_config(cfg) -> List[str]:
-    """Register every DATASETS.CUSTOM entry of `cfg`; returns their names."""
+    """Register every DATASETS.CUSTOM entry of `cfg`; returns their names.
+
+    A malformed entry or an unreadable class list raises DatasetError (one line)."""
     names = []
     for spec in cfg.DATASETS.CUSTOM:
-        args = parse_custom_spec(spec)
-        register_custom_dataset(**args)
+        try:
+            args = parse_custom_spec(spec)
+            register_custom_dataset(**args)
+        except (ValueError, FileNotFoundError) as e:
+            if isinstance(e, CatsegError):
+                raise
+            raise DatasetError(f"DATASETS.CUSTOM: {e}") from None
         names.append(args["name"])
     return names
 

@@ -12,7 +12,8 @@ Differences from DefaultTrainer:
 - checkpoints through `CATSegCheckpointer` (atomic saves, one mismatch report, strict option);
   a run from scratch starts the guidance backbone from MODEL.BACKBONE.PRETRAINED (ImageNet);
 - evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
-  that each dataset's folders exist; `evaluate` adds test-time augmentation (TEST.AUG) results.
+  that each dataset's folders exist; `evaluate` adds test-time augmentation (TEST.AUG) results;
+- the model printout goes to OUTPUT_DIR/log.txt only (catseg.console.FILE_ONLY).
 """
 import logging
 import os
@@ -22,10 +23,12 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import CATSegCheckpointer
+from ..console import FILE_ONLY
 from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..evaluation import build_evaluator
@@ -117,6 +120,12 @@ class CATSegTrainer(DefaultTrainer):
         self._trainer._data_loader_iter
         torch.manual_seed(mix_seed(self.data_seed, self.iter * comm.get_world_size() + comm.get_rank()))
         super().run_step()
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        logging.getLogger(__name__).info(f"Model:\n{model}", extra=FILE_ONLY)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -15,6 +15,8 @@ import os
 import socket
 from typing import Tuple
 
+from ...errors import WeightsError
+
 # Official CAT-Seg backbone files (MODEL.WEIGHTS of the official configs) -> the same ImageNet
 # weights as a source here.
 OFFICIAL_BACKBONE_FILES = {
@@ -25,7 +27,7 @@ OFFICIAL_BACKBONE_FILES = {
 DOWNLOAD_TIMEOUT_S = 60  # per network operation of a torchvision download
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(WeightsError):
     """Backbone weights cannot be found or downloaded; the message says what to do (one line)."""
 
 

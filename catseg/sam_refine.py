@@ -1,0 +1,68 @@
+"""SAM-refined labels ("Segment Anycat"): Segment Anything's automatic masks, labelled by CAT-Seg.
+
+Each automatic mask takes the class of highest mean CAT-Seg probability over the mask's pixels;
+masks are painted largest first, so where masks overlap the smaller one's class shows; pixels no
+mask covers keep CAT-Seg's own label (equal areas: the later mask's class shows). The probabilities are not changed.
+
+SAM is optional (`pip install .[sam]`, the `segment-anything` package) and its weights are a
+local file (MODEL.SAM.WEIGHTS, or `--sam-weights` on the command lines), never bundled: the SAM
+authors publish them (facebookresearch/segment-anything, "Model Checkpoints": vit_h, vit_l, vit_b).
+"""
+import dataclasses
+import os
+from typing import Callable, List, Sequence
+
+import numpy as np
+import torch
+
+from .errors import CatsegError, ConfigError, WeightsError
+
+MaskGenerator = Callable[[np.ndarray], List[dict]]  # (h, w, 3) uint8 RGB -> [{"segmentation": (h, w) bool}, ...]
+
+
+def refine_labels(probs: torch.Tensor, labels: torch.Tensor, masks: Sequence[np.ndarray]) -> torch.Tensor:
+    """Labels refined by `masks` (see the module docstring).
+
+    probs: (T, h, w) class probabilities; labels: (h, w) int64 CAT-Seg labels; masks: (h, w)
+    bool arrays. Returns a new (h, w) int64 label map.
+    """
+    refined = labels.clone()
+    for _, _, mask in sorted((-int(m.sum()), i, m) for i, m in enumerate(masks)):
+        inside = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(labels.device)
+        if inside.any():
+            refined[inside] = probs[:, inside].mean(dim=1).argmax()
+    return refined
+
+
+class SamRefiner:
+    """Segmentation -> Segmentation with SAM-refined labels; `generator` makes the masks."""
+
+    def __init__(self, generator: MaskGenerator):
+        self.generator = generator
+
+    def __call__(self, result):
+        masks = [m["segmentation"] for m in self.generator(result.image)]
+        return dataclasses.replace(result, labels=refine_labels(result.probs, result.labels, masks))
+
+    @classmethod
+    def from_config(cls, cfg) -> "SamRefiner":
+        """SAM of cfg.MODEL.SAM (TYPE, WEIGHTS, POINTS_PER_SIDE) on cfg.MODEL.DEVICE."""
+        try:
+            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+        except ImportError:
+            raise CatsegError("the SAM mode needs the segment-anything package: pip install .[sam]") from None
+        sam_cfg = cfg.MODEL.SAM
+        if not sam_cfg.WEIGHTS:
+            raise ConfigError("the SAM mode needs SAM weights: set MODEL.SAM.WEIGHTS (or --sam-weights) to a local "
+                              "checkpoint from github.com/facebookresearch/segment-anything (Model Checkpoints)")
+        if sam_cfg.TYPE not in sam_model_registry:
+            raise ConfigError(f"MODEL.SAM.TYPE {sam_cfg.TYPE!r}: expected one of {', '.join(sam_model_registry)}")
+        if not os.path.isfile(sam_cfg.WEIGHTS):
+            raise WeightsError(f"SAM weights file {sam_cfg.WEIGHTS} not found (MODEL.SAM.WEIGHTS)")
+        try:
+            sam = sam_model_registry[sam_cfg.TYPE](checkpoint=sam_cfg.WEIGHTS)
+        except Exception as e:  # torch.load / load_state_dict on a file that is not this SAM's checkpoint
+            raise WeightsError(f"SAM weights file {sam_cfg.WEIGHTS} does not load as SAM {sam_cfg.TYPE} "
+                               f"({type(e).__name__})") from e
+        sam.to(cfg.MODEL.DEVICE).eval()
+        return cls(SamAutomaticMaskGenerator(sam, points_per_side=sam_cfg.POINTS_PER_SIDE).generate)

@@ -1,0 +1,159 @@
+"""`catseg-web` (and demo/app.py): the web demo, a Gradio page on 127.0.0.1.
+
+    python demo/app.py --config-file configs/vitl_swinb_384.yaml --weights model_final.pth
+
+Upload an image, type a vocabulary ("cat, kitten; sofa; floor", the CLI's syntax) or pick a
+shipped benchmark vocabulary, pick a model, run. The page shows the overlay with its legend, the
+share of pixels of each class present, and offers the label PNG and the JSON of the CLI's
+schema (catseg/demo_cli.py) as downloads. Bad inputs (not an image, empty vocabulary, too many
+pixels) give a message in the page; the server keeps serving.
+
+Models: each --config-file (repeatable; --weights gives each its checkpoint, in order). None
+given: the quick-start model when `make demo` has trained it (output/quickstart/model_final.pth),
+else configs/tiny.yaml with random weights, behind a banner. One predictor per model is kept in
+memory; text embeddings come from the disk cache. "Refine with Segment Anything" labels SAM's
+automatic masks with CAT-Seg (catseg/sam_refine.py; SAM weights from --sam-weights).
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .console import setup_cli_logging
+from .data.class_names import load_class_names, shipped_class_lists
+from .demo_cli import write_outputs
+from .errors import CatsegError, report_errors
+from .image_io import ImageReadError
+from .predictor import OpenVocabPredictor
+from .vocabulary import EmptyVocabularyError, clean_vocabulary, parse_vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = (REPO / "configs" / "quickstart.yaml", REPO / "output" / "quickstart" / "model_final.pth")
+TINY = REPO / "configs" / "tiny.yaml"
+RANDOM_BANNER = ("**Random weights**: no model was given and the quick-start model is not trained "
+                 "(`make demo`). The masks are meaningless; start with `--config-file ... --weights ...`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catseg-web", description="CAT-Seg web demo (Gradio, 127.0.0.1).")
+    p.add_argument("--config-file", action="append", default=[], help="model config; repeat for a model choice")
+    p.add_argument("--weights", action="append", default=[], help="checkpoint of each --config-file, in order")
+    p.add_argument("--sam-weights", default="", help="local SAM checkpoint: enables the SAM-refined mode (MODEL.SAM.WEIGHTS)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every model: KEY VALUE ...")
+    return p
+
+
+def model_choices(configs: Sequence[str], weights: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], bool]:
+    """({label: (config, weights)}, random) for the command line; see the module docstring."""
+    if configs:
+        padded = list(weights) + [""] * (len(configs) - len(weights))
+        return {f"{Path(c).stem}" + (f" ({Path(w).name})" if w else ""): (c, w) for c, w in zip(configs, padded)}, False
+    if QUICKSTART[1].is_file():
+        return {"quick-start (trained by make demo)": (str(QUICKSTART[0]), str(QUICKSTART[1]))}, False
+    return {"tiny (random weights)": (str(TINY), "")}, True
+
+
+class WebDemo:
+    """The page's logic, without Gradio: one predictor per model choice, `segment` per request."""
+
+    def __init__(self, models: Dict[str, Tuple[str, str]], opts: Sequence[str] = ()):
+        self.models = models
+        self.opts = list(opts)
+        self.predictors: Dict[Tuple[str, str], OpenVocabPredictor] = {}
+        self.out_root = Path(tempfile.mkdtemp(prefix="catseg-web-"))
+
+    def predictor(self, choice: str, refine: str = "") -> OpenVocabPredictor:
+        """The predictor of model `choice` (with `refine`, see OpenVocabPredictor), built once."""
+        if (choice, refine) not in self.predictors:
+            config, weights = self.models[choice]
+            self.predictors[choice, refine] = OpenVocabPredictor(config, weights=weights or None, opts=self.opts,
+                                                                 refine=refine)
+        return self.predictors[choice, refine]
+
+    @staticmethod
+    def vocabulary(text: str, benchmark: str) -> List[str]:
+        """The vocabulary box if it has names, else the chosen benchmark's list."""
+        if text and text.strip():
+            return parse_vocabulary(text)
+        if benchmark:
+            return clean_vocabulary(load_class_names(benchmark))
+        raise EmptyVocabularyError("empty vocabulary: type class names (\"cat, kitten; sofa\") or pick a benchmark")
+
+    def segment(self, image_path: Optional[str], text: str, benchmark: str, choice: str, sam: bool = False):
+        """-> (status, overlay path, legend, table rows, [label PNG, JSON]); errors -> status only."""
+        if not image_path:
+            return "Upload an image first.", None, "", [], []
+        try:
+            vocabulary = self.vocabulary(text, benchmark)
+            predictor = self.predictor(choice, "sam" if sam else "")
+            start = time.perf_counter()
+            result = predictor.predict(image_path, vocabulary)
+            seconds = time.perf_counter() - start
+        except (ImageReadError, EmptyVocabularyError, CatsegError, ValueError) as e:
+            return f"**Error:** {str(e).replace(image_path, Path(image_path).name)}", None, "", [], []
+        out = Path(tempfile.mkdtemp(dir=self.out_root))
+        stem = Path(image_path).stem
+        config, weights = self.models[choice]
+        record = write_outputs(result, Path(image_path), out, stem, config, weights)
+        rows = [[record["classes"][i]["name"], f"{record['classes'][i]['pixel_share']:.1%}"] for i in record["present"]]
+        legend = "Classes present: " + "; ".join(name for name, _ in rows)
+        h, w = record["image_size"]
+        status = f"Done: {w}x{h}, {len(vocabulary)} classes, {seconds:.2f} s."
+        return status, str(out / record["overlay"]), legend, rows, [str(out / record["label_map"]), str(out / f"{stem}.json")]
+
+
+def build_page(app: WebDemo, random_weights: bool):
+    """The Gradio Blocks page around `app`."""
+    import gradio as gr
+
+    with gr.Blocks(title="catseg: open-vocabulary segmentation") as page:
+        gr.Markdown("# catseg: segment an image with your own words")
+        if random_weights:
+            gr.Markdown(RANDOM_BANNER, elem_id="banner")
+        with gr.Row():
+            with gr.Column():
+                image = gr.File(label="Image (PNG, JPEG, ...)", file_types=["image"], type="filepath", elem_id="image")
+                vocab = gr.Textbox(label='Vocabulary: classes separated by ";", synonyms by ","',
+                                   placeholder="cat, kitten; sofa; floor", elem_id="vocab")
+                benchmark = gr.Dropdown([""] + shipped_class_lists(), value="", label="or a benchmark vocabulary",
+                                        elem_id="benchmark")
+                choices = list(app.models)
+                model = gr.Dropdown(choices, value=choices[0], label="Model", elem_id="model")
+                sam = gr.Checkbox(False, label="Refine with Segment Anything (SAM masks labelled by CAT-Seg)",
+                                  elem_id="sam")
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+            with gr.Column():
+                status = gr.Markdown("", elem_id="status")
+                overlay = gr.Image(label="Overlay and legend", type="filepath", elem_id="overlay")
+                legend = gr.Markdown("", elem_id="legend")
+                table = gr.Dataframe(headers=["class", "pixel share"], label="Classes present", elem_id="table")
+                files = gr.File(label="Label map (PNG) and JSON", file_count="multiple", elem_id="downloads")
+        image.change(lambda _: "", image, status)  # a new image: the last run's message no longer applies
+        run.click(app.segment, [image, vocab, benchmark, model, sam], [status, overlay, legend, table, files],
+                  show_progress="full")
+    return page
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_cli_logging()
+
+    def start():
+        models, random_weights = model_choices(args.config_file, args.weights)
+        app = WebDemo(models, args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []))
+        app.predictor(next(iter(models)))  # load the first model now: start-up errors are one line here
+        print(f"web demo on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+        build_page(app, random_weights).queue().launch(server_name=args.host, server_port=args.port,
+                                                       show_error=False, quiet=True)
+        return 0
+
+    return report_errors(start, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
