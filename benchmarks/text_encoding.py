@@ -22,6 +22,7 @@ import torch
 
 from catseg.data.class_names import load_class_names, synonyms
 from catseg.modeling import clip, text_cache
+from catseg.modeling.clip_encoder import DenseCLIPEncoder
 from catseg.modeling.text_encoder import encode_text_bounded, eot_positions
 
 
@@ -44,7 +45,7 @@ def bench_encoding(model, tokenizer, names, templates, batch_size, rows_per_batc
         rows = batch[:rows_per_batch] if rows_per_batch else batch
         scale = len(batch) / len(rows)
         t0 = time.perf_counter()
-        ref = model.encode_text(rows)
+        ref = open_clip.CLIP.encode_text(model, rows)  # open_clip's own, full 77 tokens
         t1 = time.perf_counter()
         ours = encode_text_bounded(model, rows)
         t2 = time.perf_counter()
@@ -93,7 +94,7 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = open_clip.create_model(args.arch, pretrained=None).float().eval().to(args.device)
+    model = DenseCLIPEncoder(open_clip.create_model(args.arch, pretrained=None)).float().eval().to(args.device)
     tokenizer = open_clip.get_tokenizer(args.arch)
     templates = clip.prompt_templates(args.templates)
     print(f"{args.arch} (random weights) on {args.device}, {torch.get_num_threads()} threads")
