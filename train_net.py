@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_config(args):
-    """The frozen config of `args`, its datasets registered and checked on disk, its class lists
-    resolved (catseg.data.dataset_classes); raises CatsegError subclasses with one-line messages.
+    """The frozen config of `args`, its weights checked (`check_weights`), its datasets registered
+    and checked on disk, its class lists resolved (catseg.data.dataset_classes); raises
+    CatsegError subclasses with one-line messages.
     With --benchmarks the protocols bring their own datasets and class lists: missing datasets
     are skipped then, unless --strict."""
     from catseg.config import load_config
@@ -77,6 +78,7 @@ def prepare_config(args):
     from catseg.engine.benchmarks import select_protocols
 
     cfg = load_config(args.config_file, args.opts)
+    check_weights(cfg, args)
     if args.benchmarks:
         prepare_datasets(cfg, [p.dataset for p in select_protocols(args.benchmarks)] if args.strict else [])
     else:
@@ -166,7 +168,6 @@ def start(args):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     cfg = prepare_config(args)
-    check_weights(cfg, args)
     if cfg.OUTPUT_DIR:
         make_output_dir(cfg.OUTPUT_DIR)
     if not args.eval_only:  # reads and checks custom datasets' labels (ids in range, sizes)

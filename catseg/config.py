@@ -41,7 +41,7 @@ def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
         loaded = read_config_file(config)
         check_keys(cfg, flatten_keys(loaded), f"config file {config}")
         _merge(lambda: cfg.merge_from_other_cfg(type(cfg)(loaded)), f"config file {config}")
-        if is_official_cvpr24_file(str(config)):
+        if is_official_cvpr24_file(str(config), resolve_base):
             apply_cvpr24_release(cfg)
     opts = list(opts)
     if len(opts) % 2:

@@ -18,7 +18,7 @@ in catseg/config.py's "recipes" block. Official class-list paths ("datasets/coco
 to the shipped lists (catseg/data/class_names.py).
 """
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import yaml
 
@@ -51,15 +51,21 @@ def apply_official_keys(cfg) -> None:
             cfg.MODEL[official] = type(value)()
 
 
-def base_chain(path: str) -> List[dict]:
-    """The YAML mappings of `path` and of its _BASE_ files, the file itself first."""
+def beside(config_file: Path, base: str) -> Path:
+    """A `_BASE_` entry resolved against its file's folder."""
+    return config_file.parent / base
+
+
+def base_chain(path: str, resolve: Callable[[Path, str], Path] = beside) -> List[dict]:
+    """The YAML mappings of `path` and of its _BASE_ files, the file itself first; `resolve`
+    finds a `_BASE_` entry (catseg's loader passes its own rule, `config.resolve_base`)."""
     chain, current = [], Path(path)
     while current is not None:
         with open(current) as f:
             data = yaml.safe_load(f) or {}
         chain.append(data)
         base = data.get("_BASE_")
-        current = current.parent / base if base else None
+        current = resolve(current, base) if base else None
     return chain
 
 
@@ -71,12 +77,12 @@ def _lookup(data: dict, dotted: str) -> Optional[object]:
     return data
 
 
-def is_official_cvpr24_file(path: str) -> bool:
+def is_official_cvpr24_file(path: str, resolve: Callable[[Path, str], Path] = beside) -> bool:
     """True for an official CAT-Seg CVPR'24 config file: no file of its _BASE_ chain names a
     guidance backbone (MODEL.BACKBONE.NAME), and the effective MODEL.PROMPT_ENSEMBLE_TYPE (at
     the official place) is "single". v1 files name a backbone; catseg's own files set the
     template type under MODEL.SEM_SEG_HEAD."""
-    chain = base_chain(path)
+    chain = base_chain(path, resolve)
     if any(_lookup(data, "MODEL.BACKBONE.NAME") is not None for data in chain):
         return False
     templates = next((v for v in (_lookup(d, "MODEL.PROMPT_ENSEMBLE_TYPE") for d in chain) if v is not None), None)

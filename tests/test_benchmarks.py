@@ -62,7 +62,7 @@ def benchmark_argv(ckpt, out, *extra):
             *SMALL, "MODEL.WEIGHTS", str(ckpt), "OUTPUT_DIR", str(out)]
 
 
-def test_six_benchmarks_resume_skip_missing_and_equal_separate_runs(setup, tmp_path, builtin_root, monkeypatch, caplog):
+def test_six_benchmarks_resume_skip_missing_and_equal_separate_runs(setup, tmp_path, builtin_root, monkeypatch):
     """Run 1: PC-59's labels missing, killed during the third evaluation. Run 2 (restart): the
     first two are not evaluated again, PC-59 is reported in one line, the rest are evaluated.
     Run 3 (PC-59's labels back): only PC-59 is evaluated. Every benchmark's numbers equal a
@@ -87,10 +87,16 @@ def test_six_benchmarks_resume_skip_missing_and_equal_separate_runs(setup, tmp_p
     assert calls == [p.dataset for p in PROTOCOLS[:3]]
     calls.clear()
     first_run[0] = False
-    with caplog.at_level(logging.WARNING, logger="catseg.engine.benchmarks"):
+    records = []  # train_net's loggers do not propagate to the root logger (caplog): listen on ours
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = records.append
+    logging.getLogger("catseg.engine.benchmarks").addHandler(listener)
+    try:
         results = run(train_net, benchmark_argv(ckpt, out))
+    finally:
+        logging.getLogger("catseg.engine.benchmarks").removeHandler(listener)
     assert calls == ["ade20k_150_test_sem_seg", "voc_2012_test_sem_seg", "voc_2012_test_background_sem_seg"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "catseg.engine.benchmarks"]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == 1 and lines[0].startswith("PC-59: not evaluated, ") and "prepare_pc59.py" in lines[0]
     assert "\n" not in lines[0]
     assert [name for name, r in results.items() if r is None] == ["PC-59"] and len(results) == 6

@@ -186,3 +186,17 @@ def test_whole_model_training_step_matches_plain(models):
     assert set(grads[0]) == set(grads[1]) and grads[0]
     for name in grads[1]:
         assert close(grads[0][name], grads[1][name], 1e-4), name
+
+
+def test_unused_parameters_are_exactly_those_without_gradient():
+    """CVPR'24 (split q/k/v): the dense last block's q and k weights get no gradient; the model
+    names exactly the trainable parameters that never get one (DDP leaves them out)."""
+    model = make_model("cvpr24/tiny_b.yaml", ["MODEL.SEM_SEG_HEAD.CLIP_FINETUNE", "blocks"]).train()
+    model.sem_seg_head.predictor.train_class_names = ["cat", "dog"]
+    gen = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.randint(0, 256, (3, 64, 64), generator=gen).float(),
+              "sem_seg": torch.randint(0, 2, (64, 64), generator=gen)}]
+    model(batch)["loss_sem_seg"].backward()
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == set(model.unused_parameter_names()) and len(no_grad) == 2
+    assert make_model().unused_parameter_names() == []  # v1: packed weights, all read

@@ -41,9 +41,14 @@ TRAIN_MAPPERS = {"mask_former_semantic": SemSegDatasetMapper}
 
 
 def create_ddp_model_any_device(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    """create_ddp_model, with device_ids=None when the model is on the CPU (gloo)."""
+    """create_ddp_model, with device_ids=None when the model is on the CPU (gloo). Trainable
+    parameters that the model never uses (`unused_parameter_names`, e.g. the q / k weights of
+    CLIP's dense last block in the split layout) are left out of DDP's gradient reduction."""
     if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
+    unused = getattr(model, "unused_parameter_names", lambda: [])()
+    if unused and comm.get_world_size() > 1:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, unused)
     return create_ddp_model(model, **kwargs)
 
 

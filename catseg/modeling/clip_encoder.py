@@ -15,7 +15,7 @@ Options (the differences between the releases; see `DENSE_BLOCKS`, `split_qkv_`,
 Notation: B images, h x w patch grid, W vision width, C embedding channels.
 """
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import open_clip
 import torch
@@ -208,6 +208,14 @@ class DenseCLIPEncoder(nn.Module):
             raise ValueError("CLIP_FINETUNE 'qv' trains q and v separately: it needs CLIP_ATTN_WEIGHTS 'split'")
         for name, param in self.named_parameters():
             param.requires_grad = FINETUNE_RULES[mode](name)
+
+    def unused_parameter_names(self) -> List[str]:
+        """Parameters the forward passes never read: the dense last block discards its queries
+        and keys, which only the split layout keeps as parameters of their own."""
+        if self.attn_weights != "split":
+            return []
+        last = f"visual.transformer.resblocks.{self.num_blocks - 1}.attn"
+        return [f"{last}.q_proj_weight", f"{last}.k_proj_weight"]
 
     @property
     def text_trainable(self) -> bool:

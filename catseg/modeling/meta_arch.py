@@ -160,6 +160,11 @@ class CATSeg(nn.Module):
     def clip_encoder(self) -> DenseCLIPEncoder:
         return self.sem_seg_head.clip_encoder
 
+    def unused_parameter_names(self) -> List[str]:
+        """Full names of the parameters no forward pass reads (left out of DDP's reduction)."""
+        prefix = next(name for name, m in self.named_modules() if m is self.clip_encoder)
+        return [f"{prefix}.{name}" for name in self.clip_encoder.unused_parameter_names()]
+
     def normalize(self, images: List[torch.Tensor], clip: bool) -> List[torch.Tensor]:
         """(3, H, W) raw RGB images -> normalised with the CLIP or the backbone statistics."""
         mean, std = (self.clip_pixel_mean, self.clip_pixel_std) if clip else (self.pixel_mean, self.pixel_std)

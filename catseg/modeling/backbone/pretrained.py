@@ -116,4 +116,4 @@ def check_weights_file(path: str) -> None:
     source = OFFICIAL_BACKBONE_FILES.get(os.path.basename(path))
     if source:
         hint = f"; or download the same ImageNet weights with MODEL.WEIGHTS \"\" MODEL.BACKBONE.PRETRAINED {source}"
-    raise PretrainedWeightsError(f"MODEL.WEIGHTS {path} not found{hint}")
+    raise PretrainedWeightsError(f"weights file {path} not found (MODEL.WEIGHTS){hint}")
