@@ -2,7 +2,9 @@
 
 A source returns three maps ordered by stride, deepest first: the appearance guidance at the
 CLIP grid (h, w), then the two decoder guidances at (2h, 2w) and (4h, 4w). It declares its
-channel counts (`channels`), so the aggregator is built from them.
+channel counts (`channels`), so the aggregator is built from them, whether it reads the image
+(`needs_image`), which CLIP blocks it reads (`clip_blocks`), and where its modules go in the
+state_dict (`before_head`).
 
 - "backbone" (CAT-Seg v1, `BackboneGuidance`): a detectron2 backbone's res4 / res3 / res2
   (strides 16 / 8 / 4) on the image resized to MODEL.BACKBONE_RESOLUTION.
@@ -25,6 +27,7 @@ class BackboneGuidance(nn.Module):
 
     needs_image = True  # runs on the (backbone-normalised) image
     clip_blocks = ()  # no CLIP block outputs needed
+    before_head = True  # v1 checkpoints list `backbone.*` before `sem_seg_head.*`
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -50,6 +53,7 @@ class CLIPBlockGuidance(nn.Module):
     """
 
     needs_image = False
+    before_head = False  # CVPR'24 checkpoints list `upsample1/2.*` after `sem_seg_head.*`
 
     def __init__(self, width: int, embed_dim: int, blocks: Sequence[int], decoder_dims: Sequence[int]):
         super().__init__()

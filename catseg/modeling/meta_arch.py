@@ -100,11 +100,10 @@ class CATSeg(nn.Module):
         in v1 checkpoints; `upsample1.*` / `upsample2.*` after it, as in CVPR'24 ones); the
         source itself is kept as a plain attribute."""
         super().__init__()
-        before_head = guidance.needs_image
-        if before_head:
+        if guidance.before_head:
             self._register_children(guidance)
         self.sem_seg_head = sem_seg_head
-        if not before_head:
+        if not guidance.before_head:
             self._register_children(guidance)
         object.__setattr__(self, "guidance", guidance)
         self.size_divisibility = size_divisibility
