@@ -16,7 +16,7 @@ from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
 from .errors import ConfigError
-from .official_config import apply_cvpr24_release, apply_official_keys, is_official_cvpr24_file
+from .official_config import apply_cvpr24_release, apply_official_keys, is_official_cvpr24
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
         loaded = read_config_file(config)
         check_keys(cfg, flatten_keys(loaded), f"config file {config}")
         _merge(lambda: cfg.merge_from_other_cfg(type(cfg)(loaded)), f"config file {config}")
-        if is_official_cvpr24_file(str(config), resolve_base):
+        if is_official_cvpr24(loaded):
             apply_cvpr24_release(cfg)
     opts = list(opts)
     if len(opts) % 2:

@@ -9,7 +9,7 @@ official place wins) and clears it, so that the rest of catseg reads one key onl
     MODEL.CLIP_PIXEL_MEAN      MODEL.SEM_SEG_HEAD.CLIP_PIXEL_MEAN
     MODEL.CLIP_PIXEL_STD       MODEL.SEM_SEG_HEAD.CLIP_PIXEL_STD
 
-An official CVPR'24 file (`is_official_cvpr24_file`) describes a model whose differences from
+An official CVPR'24 file (`is_official_cvpr24`) describes a model whose differences from
 v1 the official code hard-codes; `apply_cvpr24_release` sets them as catseg keys
 (`CVPR24_RELEASE`, and CLIP_FINETUNE in this release's meaning, `CVPR24_FINETUNE`).
 
@@ -17,10 +17,7 @@ Official keys that change nothing (declared but never read by the official code)
 in catseg/config.py's "recipes" block. Official class-list paths ("datasets/coco.json") resolve
 to the shipped lists (catseg/data/class_names.py).
 """
-from pathlib import Path
-from typing import Callable, List, Optional
-
-import yaml
+from typing import Optional
 
 # official key (under MODEL) -> catseg key (under MODEL.SEM_SEG_HEAD)
 MAPPED_KEYS = {"PROMPT_ENSEMBLE_TYPE": "PROMPT_ENSEMBLE_TYPE", "CLIP_PIXEL_MEAN": "CLIP_PIXEL_MEAN",
@@ -51,24 +48,6 @@ def apply_official_keys(cfg) -> None:
             cfg.MODEL[official] = type(value)()
 
 
-def beside(config_file: Path, base: str) -> Path:
-    """A `_BASE_` entry resolved against its file's folder."""
-    return config_file.parent / base
-
-
-def base_chain(path: str, resolve: Callable[[Path, str], Path] = beside) -> List[dict]:
-    """The YAML mappings of `path` and of its _BASE_ files, the file itself first; `resolve`
-    finds a `_BASE_` entry (catseg's loader passes its own rule, `config.resolve_base`)."""
-    chain, current = [], Path(path)
-    while current is not None:
-        with open(current) as f:
-            data = yaml.safe_load(f) or {}
-        chain.append(data)
-        base = data.get("_BASE_")
-        current = resolve(current, base) if base else None
-    return chain
-
-
 def _lookup(data: dict, dotted: str) -> Optional[object]:
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
@@ -77,13 +56,16 @@ def _lookup(data: dict, dotted: str) -> Optional[object]:
     return data
 
 
-def is_official_cvpr24_file(path: str, resolve: Callable[[Path, str], Path] = beside) -> bool:
-    """True for an official CAT-Seg CVPR'24 config file: no file of its _BASE_ chain names a
-    guidance backbone (MODEL.BACKBONE.NAME), and the effective MODEL.PROMPT_ENSEMBLE_TYPE (at
-    the official place) is "single". v1 files name a backbone; catseg's own files set the
-    template type under MODEL.SEM_SEG_HEAD."""
-    chain = base_chain(path, resolve)
-    if any(_lookup(data, "MODEL.BACKBONE.NAME") is not None for data in chain):
-        return False
-    templates = next((v for v in (_lookup(d, "MODEL.PROMPT_ENSEMBLE_TYPE") for d in chain) if v is not None), None)
-    return templates == "single"
+def is_official_cvpr24(loaded: dict) -> bool:
+    """True for the YAML mapping (merged over its _BASE_ chain) of an official CAT-Seg CVPR'24
+    config file: no file of the chain names a guidance backbone (MODEL.BACKBONE.NAME), and the
+    effective MODEL.PROMPT_ENSEMBLE_TYPE (at the official place) is "single". v1 files name a
+    backbone; catseg's own files set the template type under MODEL.SEM_SEG_HEAD."""
+    return _lookup(loaded, "MODEL.BACKBONE.NAME") is None and _lookup(loaded, "MODEL.PROMPT_ENSEMBLE_TYPE") == "single"
+
+
+def is_official_cvpr24_file(path: str) -> bool:
+    """`is_official_cvpr24` of a config file, read as catseg's loader reads it."""
+    from .config import read_config_file  # config.py imports this module
+
+    return is_official_cvpr24(read_config_file(path))
