@@ -16,9 +16,14 @@ from detectron2.solver import build_lr_scheduler
 from catseg.engine.solver import build_optimizer
 from helpers import make_cfg, param_names_by_group
 
-FIXTURES = {
-    "catseg_v1_train_tiny_s4.pt": ("tiny.yaml", ["MODEL.SWIN.DROP_PATH_RATE", "0.0", "SOLVER.BACKBONE_MULTIPLIER", "0.01"]),
-    "catseg_cvpr24_train_tiny_s5.pt": ("cvpr24/tiny_b.yaml", []),
+V1_OPTS = ["MODEL.SWIN.DROP_PATH_RATE", "0.0", "SOLVER.BACKBONE_MULTIPLIER", "0.01"]
+FIXTURES = {  # test id: (fixture, config, options)
+    "v1": ("catseg_v1_train_tiny_s4.pt", "tiny.yaml", V1_OPTS),
+    # activation checkpointing over class chunks, as well
+    "v1-checkpointed": ("catseg_v1_train_tiny_s4.pt", "tiny.yaml",
+                        V1_OPTS + ["MODEL.SEM_SEG_HEAD.CHECKPOINT_ACTIVATIONS", "True",
+                                   "MODEL.SEM_SEG_HEAD.CLASS_CHUNK_SIZE", "2"]),
+    "cvpr24": ("catseg_cvpr24_train_tiny_s5.pt", "cvpr24/tiny_b.yaml", []),
 }
 TOL = 1e-5
 # Adam normalises each element's step, so an element whose gradient nearly cancels moves by a
@@ -32,8 +37,8 @@ SENSITIVE_TOL, SENSITIVE_MAX_COUNT = 0.25 * 2e-4, 4
 @pytest.fixture(scope="module", params=sorted(FIXTURES))
 def trained(request, shared):
     """(fixture, model, optimizer, losses) after two steps with every optimisation on."""
-    ref = torch.load(shared / "reference" / "parity" / request.param, weights_only=False)
-    config, opts = FIXTURES[request.param]
+    fixture, config, opts = FIXTURES[request.param]
+    ref = torch.load(shared / "reference" / "parity" / fixture, weights_only=False)
     cfg = make_cfg(config, opts)
     model = build_model(cfg)
     model.load_state_dict(ref["state_before"], strict=True)

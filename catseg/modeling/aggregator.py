@@ -24,9 +24,10 @@ The fast paths compute the same result up to float rounding (tests/test_fused.py
   attention over chunks of positions, so peak memory follows a `ChunkBudget` at any T, and
   residuals and activations are computed in place.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
@@ -35,6 +36,7 @@ from .attention import AttentionLayer, ExtraTokens, per_window_attention
 from .chunking import (ChunkBudget, class_attention_bytes_per_position, decoder_bytes_per_class, over_chunks,
                        spatial_bytes_per_class)
 from .inplace import mlp, residual
+from .lean_autograd import PreActivation, conv_after, interleave_phases, norm_linear, norm_mlp, permute_rows, use_lean
 
 
 def set_fused(module: nn.Module, fused: bool) -> None:
@@ -42,6 +44,12 @@ def set_fused(module: nn.Module, fused: bool) -> None:
     for m in module.modules():
         if hasattr(m, "fused"):
             m.fused = fused
+
+
+def checkpointed(fn: Callable) -> Callable:
+    """fn with activation checkpointing: only its inputs are stored, its forward runs again in
+    the backward pass (exact: the same operations on the same values)."""
+    return lambda *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -111,16 +119,21 @@ class WindowAttention(nn.Module):
         return F.linear(guidance, torch.cat([self.q.weight[:, c:], self.k.weight[:, c:]]))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """Fused path: q, k and v of the class slices from one matrix product, the guidance part
         of q / k added per image. x: (B * t, nW, N, C) windows of t class slices per image
-        (image-major); guidance: (B, nW, N, 2C) from `guidance_terms`, or None; mask:
+        (image-major), normalised here by `norm` when given (in training without storing the
+        normalised windows); guidance: (B, nW, N, 2C) from `guidance_terms`, or None; mask:
         (nW, N, N) additive, or None. Returns (B * t, nW, N, C)."""
         n, nw, length, c = x.shape
         weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
-        qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
-        if guidance is not None:  # in place: the linear map's backward does not need its output
-            qkv[..., : 2 * c].view(guidance.shape[0], -1, nw, length, 2 * c).add_(guidance.unsqueeze(1))
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        if norm is not None and use_lean(x):
+            qkv = norm_linear(x, norm, weight, bias, guidance)
+        else:
+            qkv = F.linear(x if norm is None else norm(x), weight, bias)
+            if guidance is not None:  # in place: the linear map's backward does not need its output
+                qkv[..., : 2 * c].view(guidance.shape[0], -1, nw, length, 2 * c).add_(guidance.unsqueeze(1))
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2) for t in qkv.split(c, dim=-1))
         if mask is None:  # (n * nW, heads, N, d) views; the kernel accepts the strides
             out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale=self.scale)
@@ -186,7 +199,9 @@ class SwinTransformerBlock(nn.Module):
     def forward_windows(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """Fused block. x: (B * t, nW, N, C) class slices in window order (image-major);
         guidance: `guidance_terms` output or None. Returns (B * t, nW, N, C)."""
-        x = residual(x, self.attn(self.norm1(x), guidance, self.attn_mask))
+        x = residual(x, self.attn(x, guidance, self.attn_mask, norm=self.norm1))
+        if use_lean(x):
+            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
         return residual(x, mlp(self.mlp.fc1, self.mlp.fc2, self.norm2(x), F.gelu, torch.ops.aten.gelu_))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
@@ -222,8 +237,11 @@ class SwinTransformerBlockWrapper(nn.Module):
         self.block_2 = SwinTransformerBlock(dim, guidance_dim, resolution, nheads, window_size, window_size // 2)
         self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim > 0 else None
         first, second = self.block_1.order, self.block_2.order
-        self.register_buffer("first_to_second", torch.argsort(first)[second], persistent=False)
-        self.register_buffer("second_to_map", torch.argsort(second), persistent=False)
+        # window orders and their inverses (the backward pass of each gather)
+        for name, order in [("map_to_first", first), ("first_to_second", torch.argsort(first)[second]),
+                            ("second_to_map", torch.argsort(second))]:
+            self.register_buffer(name, order, persistent=False)
+            self.register_buffer(f"{name}_inverse", torch.argsort(order), persistent=False)
         self.fused = True
 
     def _fused(self) -> bool:
@@ -247,10 +265,12 @@ class SwinTransformerBlockWrapper(nn.Module):
         if not self._fused():
             guidance = None if context is None else context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
             return self.block_2(self.block_1(x, guidance), guidance)
-        windows = lambda t, order: t[:, order].unflatten(1, (self.block_1.num_windows, -1))  # noqa: E731
-        y = self.block_1.forward_windows(windows(x.flatten(1, 2), self.block_1.order), context[0])
-        y = self.block_2.forward_windows(windows(y.flatten(1, 2), self.first_to_second), context[1])
-        return y.flatten(1, 2)[:, self.second_to_map].view_as(x)
+        def reorder(t: torch.Tensor, name: str) -> torch.Tensor:  # (n, H * W, C) in a new order
+            return permute_rows(t, getattr(self, name), getattr(self, f"{name}_inverse"))
+        windows = lambda t: t.unflatten(1, (self.block_1.num_windows, -1))  # noqa: E731
+        y = self.block_1.forward_windows(windows(reorder(x.flatten(1, 2), "map_to_first")), context[0])
+        y = self.block_2.forward_windows(windows(reorder(y.flatten(1, 2), "first_to_second")), context[1])
+        return reorder(y.flatten(1, 2), "second_to_map").view_as(x)
 
 
 class ClassTransformerLayer(nn.Module):
@@ -363,15 +383,19 @@ class AggregatorLayer(nn.Module):
                                                test_pooling_size, pad_length)
 
     def forward(self, x: torch.Tensor, appearance: Optional[torch.Tensor], text: Optional[torch.Tensor],
-                class_chunk: int = 0, position_chunk: int = 0) -> torch.Tensor:
+                class_chunk: int = 0, position_chunk: int = 0, checkpoint: bool = False) -> torch.Tensor:
         """x: (B, T, H, W, C); appearance: (B, G, H, W) projected guidance or None; text: (B, T, G_t)
         projected text guidance or None; class_chunk: classes per spatial chunk (0: all);
-        position_chunk: positions per class-attention chunk (0: all). Returns (B, T, H, W, C);
-        without autograd, written into x."""
+        position_chunk: positions per class-attention chunk (0: all); checkpoint: with autograd,
+        each spatial chunk and the class attention are recomputed in the backward pass instead
+        of storing their activations. Returns (B, T, H, W, C); without autograd, written into x."""
         b, t = x.shape[:2]
         context = self.swin_block.prepare(appearance)
-        spatial = lambda s: self.swin_block(x[:, s].flatten(0, 1), context).unflatten(0, (b, -1))  # noqa: E731
-        x = over_chunks(spatial, t, class_chunk or t, out=None if torch.is_grad_enabled() else x)
+        spatial = lambda xs: self.swin_block(xs.flatten(0, 1), context).unflatten(0, (b, -1))  # noqa: E731
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.cat([checkpointed(spatial)(xs) for xs in x.split(class_chunk or t, dim=1)], dim=1)
+            return checkpointed(self.attention)(x, text, position_chunk)
+        x = over_chunks(lambda s: spatial(x[:, s]), t, class_chunk or t, out=None if torch.is_grad_enabled() else x)
         return self.attention(x, text, position_chunk)
 
 
@@ -447,23 +471,23 @@ class Up(nn.Module):
         weight); plain, the guidance itself."""
         return (self.guidance_term(guidance, size), self.fused_weight()) if self.fused else guidance
 
-    def forward(self, x: torch.Tensor, context) -> torch.Tensor:
-        """x: (B * t, C_in, h, w) image-major; context: `prepare` output. Returns (B * t, C_out, 2h, 2w)."""
+    def forward(self, x, context):
+        """x: (B * t, C_in, h, w) image-major, or its `PreActivation` (lean training path);
+        context: `prepare` output. Returns (B * t, C_out, 2h, 2w); on the lean training path a
+        `PreActivation` whose GroupNorm and ReLU the next convolution applies (recomputed in
+        the backward pass instead of stored)."""
         if not self.fused:
-            y = self.up(x)
+            y = self.up(x.materialize() if isinstance(x, PreActivation) else x)
             if context is not None:
-                y = torch.cat([y, context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)], dim=1)
+                y = torch.cat([y, context.repeat_interleave(y.shape[0] // context.shape[0], dim=0)], dim=1)
             return self.conv(y)
         term, weight = context
-        n, _, h, w = x.shape
-        phases = F.conv2d(x, weight, padding=1).permute(0, 2, 3, 1).unflatten(-1, (2, 2, -1))  # (n, h+1, w+1, 2, 2, C)
-        y = x.new_empty(n, h, 2, w, 2, phases.shape[-1])  # channels-last: oneDNN convolutions run faster
-        for a in range(2):
-            for b in range(2):
-                y[:, :, a, :, b] = phases[:, a: a + h, b: b + w, a, b]
-        y = y.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)
-        y.view(term.shape[0], -1, *y.shape[1:]).add_(term.unsqueeze(1))
-        return self.conv.after_first_conv(y)
+        phases = conv_after(x, weight, None, padding=1)  # (n, 4 * C_out, h + 1, w + 1), phase-major
+        y = interleave_phases(phases.permute(0, 2, 3, 1).unflatten(-1, (2, 2, -1)), term)  # channels-last
+        if not use_lean(y):
+            return self.conv.after_first_conv(y)
+        _, norm1, _, conv2, norm2, _ = self.conv.double_conv
+        return PreActivation(conv_after(PreActivation(y, norm1), conv2.weight, conv2.bias, padding=1), norm2)
 
 
 def select_classes(img_feats: torch.Tensor, text_feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -506,9 +530,11 @@ class Aggregator(nn.Module):
         prompt_channel: int = 80,
         pad_length: int = 0,
         budget: Optional[ChunkBudget] = None,
+        checkpoint: bool = False,
     ):
         super().__init__()
         self.pad_length = pad_length
+        self.checkpoint = checkpoint
         self.budget = budget or ChunkBudget()
         self.layers = nn.ModuleList([
             AggregatorLayer(hidden_dim, text_guidance_proj_dim, appearance_guidance_proj_dim, nheads,
@@ -543,10 +569,14 @@ class Aggregator(nn.Module):
     def chunk_sizes(self, views: int, classes: int, h: int, w: int,
                     device: torch.device = torch.device("cpu")) -> Tuple[int, int]:
         """(classes per chunk, positions per chunk of the class attention) for this input: all
-        of them with autograd on or on the plain path, else within the budget."""
-        if torch.is_grad_enabled() or not self.fused:
+        of them on the plain path and in training, else within the budget; in training with
+        `checkpoint`, classes within the budget (the chunks are recomputed one at a time)."""
+        training = torch.is_grad_enabled()
+        if not self.fused or (training and not self.checkpoint):
             return classes, h * w
         per_class = self.budget.classes(classes, views * self.slice_bytes(h, w), device)
+        if training:
+            return per_class, h * w
         per_position = self.budget.items(h * w, class_attention_bytes_per_position(views, classes,
                                                                                     self.conv1.out_channels), device)
         return per_class, per_position
@@ -597,13 +627,16 @@ class Aggregator(nn.Module):
 
         x = over_chunks(lambda s: self.embed(img_feats, text_feats[:, s]), t, per_class)
         for layer in self.layers:
-            x = layer(x, appearance, text_guidance, per_class, per_position)
+            x = layer(x, appearance, text_guidance, per_class, per_position, self.checkpoint)
 
         contexts = [self.decoder1.prepare(decoder_guidance[0], (2 * h, 2 * w)),
                     self.decoder2.prepare(decoder_guidance[1], (4 * h, 4 * w))]
 
-        def decode(s: slice) -> torch.Tensor:
-            y = x[:, s].flatten(0, 1).permute(0, 3, 1, 2)
+        def decode(xs: torch.Tensor) -> torch.Tensor:  # (B, t', H, W, C) -> (B, t', 4H, 4W)
+            y = xs.flatten(0, 1).permute(0, 3, 1, 2)
             y = self.decoder2(self.decoder1(y, contexts[0]), contexts[1])
-            return self.head(y).unflatten(0, (b, -1)).squeeze(2)
-        return over_chunks(decode, t, per_class)
+            logits = self.head(y) if torch.is_tensor(y) else conv_after(y, self.head.weight, self.head.bias, padding=1)
+            return logits.unflatten(0, (b, -1)).squeeze(2)
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.cat([checkpointed(decode)(xs) for xs in x.split(per_class, dim=1)], dim=1)
+        return over_chunks(lambda s: decode(x[:, s]), t, per_class)

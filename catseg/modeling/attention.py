@@ -85,9 +85,10 @@ def per_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     One fused call per window position: a 4-D mask broadcast over the batch keeps PyTorch's fused
     CPU kernel, where a single 5-D call would fall back to the unfused path.
     """
-    return torch.stack([F.scaled_dot_product_attention(q[:, i], k[:, i], v[:, i], masks[i].unsqueeze(0).to(q.dtype),
+    # unbind, not indexing: its backward stacks the window gradients instead of summing zero-filled copies
+    return torch.stack([F.scaled_dot_product_attention(qi, ki, vi, mask.unsqueeze(0).to(q.dtype),
                                                        dropout_p=dropout_p, scale=scale)
-                        for i in range(q.shape[1])], dim=1)
+                        for qi, ki, vi, mask in zip(q.unbind(1), k.unbind(1), v.unbind(1), masks)], dim=1)
 
 
 ATTENTION_FUNCTIONS = {"linear": linear_attention, "full": full_attention}

@@ -67,13 +67,16 @@ def chunk_slices(total: int, size: int) -> List[slice]:
 def over_chunks(fn: Callable[[slice], torch.Tensor], total: int, size: int, dim: int = 1,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Concatenation along `dim` of fn(s) over `chunk_slices(total, size)`, written chunk by chunk
-    into `out` (allocated from the first chunk when None); one chunk returns fn's result as is.
+    into `out` (allocated from the first chunk when None; with autograd and no `out`, torch.cat);
+    one chunk returns fn's result as is.
 
     `out` may be the tensor fn reads from, as long as fn reads its own slice only.
     """
     slices = chunk_slices(total, size)
     if len(slices) == 1 and out is None:
         return fn(slices[0])
+    if out is None and torch.is_grad_enabled():  # autograd: concatenation's backward is views
+        return torch.cat([fn(s) for s in slices], dim=dim)
     for s in slices:
         y = fn(s)
         if out is None:

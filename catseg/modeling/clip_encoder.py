@@ -9,13 +9,15 @@ Options (the differences between the releases; see `DENSE_BLOCKS`, `split_qkv_`,
 - dense last block: "v1" (x + out_proj(v)) or "cvpr24" (class-token residual);
 - attention weights: "packed" (`in_proj_weight`) or "split" (`q/k/v_proj_weight`, CVPR'24);
 - intermediate outputs: the residual stream after any vision blocks (CVPR'24 guidance);
-- `fused`: blocks through PyTorch's fused attention kernel and in-place activations at
-  inference; `fused = False` runs open_clip's own block forward (the reference computation).
+- `fused`: blocks through PyTorch's fused attention kernel, with in-place activations at
+  inference and, in training, the pre-norm projections and the MLP through `lean_autograd`
+  (normalised tokens and MLP activations recomputed in the backward pass instead of stored);
+  `fused = False` runs open_clip's own block forward (the reference computation).
 
 Notation: B images, h x w patch grid, W vision width, C embedding channels.
 """
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import open_clip
 import torch
@@ -24,6 +26,7 @@ from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
 from . import inplace
+from .lean_autograd import norm_linear, norm_mlp, use_lean
 
 
 def resize_positional_embedding(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -81,6 +84,18 @@ def block_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return inplace.mlp(mlp.c_fc, mlp.c_proj, x, act, act_)
 
 
+def lean_activation(mlp: nn.Module) -> Optional[str]:
+    """The `lean_autograd.norm_mlp` activation of an open_clip MLP (c_fc, gelu, c_proj), or None."""
+    if not hasattr(mlp, "c_fc") or not isinstance(mlp.c_fc, nn.Linear):
+        return None
+    act = mlp.gelu
+    if type(act) is QuickGELU:
+        return "quick_gelu"
+    if type(act) is nn.GELU and act.approximate == "none":
+        return "gelu"
+    return None
+
+
 def fusable(block: nn.Module) -> bool:
     """Whether `fused_block` computes exactly what this open_clip block's own forward computes."""
     attn = getattr(block, "attn", None)
@@ -93,10 +108,17 @@ def fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     `scaled_dot_product_attention`, MLP activation in place at inference."""
     attn = block.attn
     b, n, c = x.shape
-    qkv = F.linear(block.ln_1(x), qkv_weight(attn), attn.in_proj_bias)
+    lean = use_lean(x)
+    if lean:
+        qkv = norm_linear(x, block.ln_1, qkv_weight(attn), attn.in_proj_bias)
+    else:
+        qkv = F.linear(block.ln_1(x), qkv_weight(attn), attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
     x = x + block.ls_1(attn.out_proj(out))
+    activation = lean and lean_activation(block.mlp)
+    if activation:
+        return x + block.ls_2(norm_mlp(x, block.ln_2, block.mlp.c_fc, block.mlp.c_proj, activation=activation))
     return x + block.ls_2(block_mlp(block.mlp, block.ln_2(x)))
 
 

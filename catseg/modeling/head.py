@@ -156,6 +156,7 @@ class CATSegHead(nn.Module):
             prompt_channel=len(templates),
             pad_length=head.CLASS_PAD_LENGTH,
             budget=budget,
+            checkpoint=head.CHECKPOINT_ACTIVATIONS,
         )
         predictor = CATSegPredictor(
             clip_model=clip_encoder,

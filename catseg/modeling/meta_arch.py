@@ -28,6 +28,7 @@ from .clip import default_clip_resolution
 from .clip_encoder import DenseCLIPEncoder
 from .guidance import build_guidance
 from .head import build_clip_encoder
+from .lean_autograd import upsampled_bce, use_lean
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -115,6 +116,7 @@ class CATSeg(nn.Module):
         self.sliding_out_res = tuple(sliding_out_res)
         self.budget = budget or ChunkBudget()
         self.bf16 = bf16
+        self.fused = True  # training loss through `upsampled_bce` (False: `bce_loss`, the same value)
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
             self.register_buffer(name, torch.tensor(value).view(-1, 1, 1), persistent=False)
@@ -227,7 +229,9 @@ class CATSeg(nn.Module):
             backbone_in = resize(backbone_in, self.backbone_resolution)
         targets = ImageList.from_tensors(labels, self.size_divisibility, pad_value=ignore).tensor
         logits = self.run_network(resize(clip_in, self.clip_resolution), backbone_in)
-        return {"loss_sem_seg": bce_loss(logits, targets, ignore)}
+        lean = self.fused and use_lean(logits)
+        loss = upsampled_bce(logits, targets, ignore) if lean else bce_loss(logits, targets, ignore)
+        return {"loss_sem_seg": loss}
 
     def inference_whole_image(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
         """Each image is normalised, padded to its own multiple of SIZE_DIVISIBILITY and resized.
