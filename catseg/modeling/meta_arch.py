@@ -190,8 +190,9 @@ class CATSeg(nn.Module):
 
         The network runs under bfloat16 autocast in training with `train_bf16`
         (SOLVER.AMP.ENABLED) and at inference with `bf16` (TEST.BF16): faster, approximate.
-        Only the forward is autocast: the loss (on the fp32 logits), the backward pass and the
-        optimizer step are not, and parameters, gradients and optimizer state stay fp32.
+        Only this forward is autocast: the loss (on the fp32 logits) is computed, and backward()
+        and the optimizer step are called, outside it; parameters, gradients and optimizer state
+        stay fp32 (no GradScaler: bfloat16 has float32's exponent range).
         """
         bf16 = self.train_bf16 if self.training else self.bf16
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
