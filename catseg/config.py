@@ -168,6 +168,9 @@ def add_catseg_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # lr factor for parameters under modules named *backbone*
     cfg.SOLVER.CLIP_MULTIPLIER = 0.01  # lr factor for parameters under modules named *clip_model*
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of nn.Embedding parameters
+    # detectron2's key with catseg's meaning (not detectron2's fp16 AMPTrainer): the training forward
+    # (CATSeg.run_network) under bfloat16 autocast; loss, weights, gradients, optimizer state fp32.
+    cfg.SOLVER.AMP.ENABLED = False  # approximate: train under bfloat16 autocast, CPU or GPU, no GradScaler
 
     # ---------------------------------------------------------------- meta-architecture
     cfg.MODEL.MASK_FORMER = CN()

@@ -13,7 +13,11 @@ Differences from DefaultTrainer:
   a run from scratch starts the guidance backbone from MODEL.BACKBONE.PRETRAINED (ImageNet);
 - evaluation with the dataset's evaluator (`catseg.evaluation.build_evaluator`), after checking
   that each dataset's folders exist; `evaluate` adds test-time augmentation (TEST.AUG) results;
-- the model printout goes to OUTPUT_DIR/log.txt only (catseg.console.FILE_ONLY).
+- the model printout goes to OUTPUT_DIR/log.txt only (catseg.console.FILE_ONLY);
+- SOLVER.AMP.ENABLED (approximate) trains under bfloat16 autocast on CPU or GPU, applied by the
+  model's forward (`CATSeg.run_network`), with detectron2's SimpleTrainer: no GradScaler
+  (bfloat16 has float32's range), fp32 weights, gradients and optimizer state; detectron2's
+  AMPTrainer (float16, CUDA only) is not used.
 """
 import logging
 import os
@@ -21,7 +25,7 @@ import weakref
 
 import torch
 from detectron2.data import DatasetCatalog
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -87,8 +91,6 @@ class CATSegTrainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
-            raise RuntimeError("SOLVER.AMP.ENABLED needs a CUDA device (detectron2's AMPTrainer)")
         prepare_datasets(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
 
         model = self.build_model(cfg)
@@ -96,8 +98,7 @@ class CATSegTrainer(DefaultTrainer):
         self.data_seed = data_seed(cfg)
         data_loader, self.train_sampler = self.build_resumable_train_loader(cfg, self.data_seed)
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer)
+        self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = CATSegCheckpointer(model, cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT,
                                                trainer=weakref.proxy(self))

@@ -95,12 +95,15 @@ class CATSegPredictor(nn.Module):
         key = (names, text_tower_fingerprint(self.clip_model)) if trainable else names
         cached = self._text_cache.get(key)
         if cached is None or cached.device != device:
-            if self.text_encoder is not None:
-                cached = self.text_encoder(self.clip_model, self.tokenizer, names, self.prompt_templates)
-            else:
-                with torch.no_grad():
-                    cached = class_text_embeddings(self.clip_model, self.tokenizer, names, self.prompt_templates,
-                                                   synonyms=self.synonyms)
+            # Cached embeddings serve later fp32 passes and the disk cache: never computed under
+            # the bfloat16 autocast of SOLVER.AMP.ENABLED training.
+            with torch.autocast(device.type, enabled=False):
+                if self.text_encoder is not None:
+                    cached = self.text_encoder(self.clip_model, self.tokenizer, names, self.prompt_templates)
+                else:
+                    with torch.no_grad():
+                        cached = class_text_embeddings(self.clip_model, self.tokenizer, names,
+                                                       self.prompt_templates, synonyms=self.synonyms)
             cached = cached.to(device)
             if trainable:  # entries of older weights are stale
                 self._text_cache.clear()

@@ -95,6 +95,7 @@ class CATSeg(nn.Module):
         sliding_out_res: Tuple[int, int],
         budget: Optional[ChunkBudget] = None,
         bf16: bool = False,
+        train_bf16: bool = False,
     ):
         """`guidance` is a guidance source (see guidance.py). Its modules are registered here under
         their own names, which are the official top-level keys (`backbone.*` before the head, as
@@ -116,6 +117,7 @@ class CATSeg(nn.Module):
         self.sliding_out_res = tuple(sliding_out_res)
         self.budget = budget or ChunkBudget()
         self.bf16 = bf16
+        self.train_bf16 = train_bf16
         self.fused = True  # training loss through `upsampled_bce` (False: `bce_loss`, the same value)
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
@@ -151,6 +153,7 @@ class CATSeg(nn.Module):
             "sliding_out_res": cfg.TEST.SLIDING_OUT_RES,
             "budget": budget,
             "bf16": cfg.TEST.BF16,
+            "train_bf16": cfg.SOLVER.AMP.ENABLED,
         }
 
     @property
@@ -187,11 +190,14 @@ class CATSeg(nn.Module):
     def run_network(self, clip_in: torch.Tensor, backbone_in: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalised, resized inputs -> (N, T, 4h, 4w) logits (fp32).
 
-        At inference with `bf16` (TEST.BF16) the network runs under bfloat16 autocast:
-        faster, approximate.
+        The network runs under bfloat16 autocast in training with `train_bf16`
+        (SOLVER.AMP.ENABLED) and at inference with `bf16` (TEST.BF16): faster, approximate.
+        Only this forward is autocast: the loss (on the fp32 logits) is computed, and backward()
+        and the optimizer step are called, outside it; parameters, gradients and optimizer state
+        stay fp32 (no GradScaler: bfloat16 has float32's exponent range).
         """
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if self.bf16 and not self.training else nullcontext())
+        bf16 = self.train_bf16 if self.training else self.bf16
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
             features = self.clip_encoder(clip_in, self.guidance.clip_blocks)
             guidance = self.guidance(features, backbone_in)
