@@ -237,14 +237,18 @@ def aggregator_worker(args) -> dict:
 
 
 def gradient_difference(official: Path, ours: Path) -> dict:
-    """Max abs difference over all gradients, and the largest gradient magnitude for scale."""
+    """Max abs difference over all gradients and the largest one for scale; per gradient, the
+    max abs difference relative to that gradient's largest element: the worst one and its name."""
     import torch
 
     a, b = torch.load(official), torch.load(ours)
     if set(a) != set(b):
         return {"grad_diff": float("nan"), "grad_keys_differ": sorted(set(a) ^ set(b))}
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    return {"grad_diff": diff, "grad_max": max(a[k].abs().max().item() for k in a)}
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    relative = {k: diffs[k] / max(a[k].abs().max().item(), 1e-30) for k in a}
+    worst = max(relative, key=relative.get)
+    return {"grad_diff": max(diffs.values()), "grad_max": max(a[k].abs().max().item() for k in a),
+            "grad_rel": relative[worst], "grad_rel_name": worst}
 
 
 def run(args, scope: str, model: str, variant: str, output: str = "") -> dict:
@@ -280,7 +284,7 @@ def step_table(rows) -> str:
 
 def aggregator_table(rows) -> str:
     lines = ["| model | variant | s (fwd + bwd) | forward | backward | peak GiB | before GiB | "
-             + " | ".join(f"{p} fwd / bwd" for p in PARTS) + " | max grad diff (max grad) | speed vs official | "
+             + " | ".join(f"{p} fwd / bwd" for p in PARTS) + " | max grad diff (max grad); worst relative | speed vs official | "
              "memory vs official |",
              "|---|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|"]
     ref = {r["model"]: r for r in rows if r["variant"] == "official" and "seconds" in r}
@@ -289,7 +293,8 @@ def aggregator_table(rows) -> str:
             lines.append(f"| {r['model']} | {r['variant']} | {r['error']} |" + " |" * (6 + len(PARTS)))
             continue
         o = ref.get(r["model"])
-        diff = f"{r['grad_diff']:.2e} ({r['grad_max']:.1e})" if "grad_diff" in r else "-"
+        diff = (f"{r['grad_diff']:.1e} ({r['grad_max']:.1e}); relative {r['grad_rel']:.1e}"
+                if "grad_diff" in r else "-")
         parts = " | ".join(f"{r['parts_forward'][p]:.2f} / {r['parts_backward'][p]:.2f}" for p in PARTS)
         speed = f"{o['seconds'] / r['seconds']:.2f}x" if o else "-"
         memory = f"{r['peak_gib'] / o['peak_gib']:.2f}" if o else "-"

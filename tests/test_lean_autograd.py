@@ -83,12 +83,12 @@ def test_norm_linear_with_image_term():
     assert saved_bytes(fast, inputs) < saved_bytes(plain, inputs)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu", "relu"])
 @pytest.mark.parametrize("keep_hidden", [False, True])
 def test_norm_mlp(activation, keep_hidden):
     norm = layer_norm(8, 1)
     fc1, fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
-    act = {"gelu": F.gelu, "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h)}[activation]
+    act = {"gelu": F.gelu, "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h), "relu": F.relu}[activation]
     x = randn(2, 7, 8)
 
     def plain(x, *params):
@@ -175,6 +175,8 @@ def test_upsampled_bce_matches_the_official_loss():
     logits = randn(2, 5, 6, 7)
     labels = torch.randint(0, 5, (2, 24, 28), generator=torch.Generator().manual_seed(1))
     labels[0, :5] = 255  # ignored pixels: all-negative targets, still in the mean
+    assert_same(lambda x: bce_loss(x, labels, 255), lambda x: lean.upsampled_bce(x, labels, 255), [logits])
+    labels = labels.to(torch.uint8)  # as the dataset mapper gives them
     assert_same(lambda x: bce_loss(x, labels, 255), lambda x: lean.upsampled_bce(x, labels, 255), [logits])
     assert saved_bytes(lambda x: lean.upsampled_bce(x, labels, 255), [logits]) < \
         saved_bytes(lambda x: bce_loss(x, labels, 255), [logits]) / 4

@@ -122,9 +122,21 @@ class WindowAttention(nn.Module):
                 mask: Optional[torch.Tensor] = None, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """Fused path: q, k and v of the class slices from one matrix product, the guidance part
         of q / k added per image. x: (B * t, nW, N, C) windows of t class slices per image
-        (image-major), normalised here by `norm` when given (in training without storing the
-        normalised windows); guidance: (B, nW, N, 2C) from `guidance_terms`, or None; mask:
-        (nW, N, N) additive, or None. Returns (B * t, nW, N, C)."""
+        (image-major), normalised here by `norm` when given; guidance: (B, nW, N, 2C) from
+        `guidance_terms`, or None; mask: (nW, N, N) additive, or None. Returns (B * t, nW, N, C).
+
+        In training (`lean_autograd.use_lean`) q, k and v are not stored: the backward pass
+        computes them again from x (one matrix product and the attention forward), which keeps
+        three quarters of the block's attention activations out of memory."""
+        if norm is not None and use_lean(x):
+            out = checkpointed(self.attend)(x, guidance, mask, norm)
+        else:
+            out = self.attend(x, guidance, mask, norm)
+        return self.proj(out.transpose(-3, -2).flatten(-2))
+
+    def attend(self, x: torch.Tensor, guidance: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+               norm: Optional[nn.LayerNorm]) -> torch.Tensor:
+        """`forward` before the output projection: (B * t, nW, heads, N, d)."""
         n, nw, length, c = x.shape
         weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
@@ -137,10 +149,8 @@ class WindowAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2) for t in qkv.split(c, dim=-1))
         if mask is None:  # (n * nW, heads, N, d) views; the kernel accepts the strides
             out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale=self.scale)
-            out = out.unflatten(0, (n, nw))
-        else:
-            out = per_window_attention(q, k, v, mask.unsqueeze(1), scale=self.scale)
-        return self.proj(out.transpose(-3, -2).flatten(-2))
+            return out.unflatten(0, (n, nw))
+        return per_window_attention(q, k, v, mask.unsqueeze(1), scale=self.scale)
 
     def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -201,7 +211,7 @@ class SwinTransformerBlock(nn.Module):
         guidance: `guidance_terms` output or None. Returns (B * t, nW, N, C)."""
         x = residual(x, self.attn(x, guidance, self.attn_mask, norm=self.norm1))
         if use_lean(x):
-            return x + norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2)
+            return residual(x, norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2))
         return residual(x, mlp(self.mlp.fc1, self.mlp.fc2, self.norm2(x), F.gelu, torch.ops.aten.gelu_))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
@@ -309,6 +319,8 @@ class ClassTransformerLayer(nn.Module):
         """Fused pre-norm attention + MLP, both residual. x: (B, M, T, C); qk_bias: (B, 1, T, 2C) or (2C,)."""
         fc1, _, fc2 = self.MLP
         x = x + self.attention(self.norm1(x), qk_bias, extra)
+        if use_lean(x):
+            return residual(x, norm_mlp(x, self.norm2, fc1, fc2, activation="relu"))
         return residual(x, mlp(fc1, fc2, self.norm2(x), F.relu, torch.relu_))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
@@ -334,7 +346,7 @@ class ClassTransformerLayer(nn.Module):
 
             def step(s: slice) -> torch.Tensor:
                 chunk_x = flat[:, :, s].transpose(1, 2)
-                return residual(self.transform(chunk_x, qk_bias, extra), chunk_x).transpose(1, 2)
+                return residual(chunk_x, self.transform(chunk_x, qk_bias, extra)).transpose(1, 2)
             return over_chunks(step, h * w, chunk or h * w, dim=2, out=flat if in_place else None).view_as(x)
         pooled = pool(x.view(b * t, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         ph, pw = pooled.shape[1:3]

@@ -2,7 +2,8 @@
 
 With autograd off, residual sums and activations overwrite a tensor that nothing else reads,
 which saves an allocation and a pass over memory each time (large fresh allocations are the
-slow part on CPU). With autograd on, they are the ordinary out-of-place operations.
+slow part on CPU). With autograd on, activations are the ordinary out-of-place operations and
+a residual sum is written into its branch output, which autograd does not keep.
 """
 from typing import Callable
 
@@ -11,8 +12,10 @@ from torch import nn
 
 
 def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y, written into x when autograd is off (x must then be a temporary)."""
-    return x + y if torch.is_grad_enabled() else x.add_(y)
+    """x + y for a residual stream x and a branch output y: written into x when autograd is off
+    (x must then be a temporary), into y when it is on (y must then be a temporary that no
+    backward formula reads, such as a linear map's output)."""
+    return y.add_(x) if torch.is_grad_enabled() else x.add_(y)
 
 
 def quick_gelu_(x: torch.Tensor) -> torch.Tensor:

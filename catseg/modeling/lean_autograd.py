@@ -8,7 +8,7 @@ and several of these intermediates are cheap to recompute from their neighbours:
 
 - `norm_linear`: LayerNorm then a linear map; keeps the LayerNorm's input only, the normalised
   tensor is recomputed in the backward pass;
-- `norm_mlp`: LayerNorm, Linear, GELU (or QuickGELU), Linear (a transformer MLP with its
+- `norm_mlp`: LayerNorm, Linear, GELU (or QuickGELU, ReLU), Linear (a transformer MLP with its
   pre-norm); keeps the input only (with `keep_hidden`, also the hidden pre-activation): the
   normalised input, the hidden layer and the activation are recomputed;
 - `norm_relu_conv`: GroupNorm, ReLU, then a convolution (the decoder's links); keeps the
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
+
+from . import inplace
 
 aten = torch.ops.aten
 
@@ -100,14 +102,28 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-def quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad * d/dx [x * sigmoid(1.702 x)] = grad * s * (1 + 1.702 x (1 - s)), s = sigmoid(1.702 x)."""
+def quick_gelu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad * d/dx [x * sigmoid(1.702 x)] = grad * s * (1 + 1.702 x (1 - s)), s = sigmoid(1.702 x),
+    written into x."""
     s = torch.sigmoid(1.702 * x)
-    return grad * s * (1 + 1.702 * x * (1 - s))
+    x.mul_(1.702)
+    return x.addcmul_(x, s, value=-1).add_(1).mul_(s).mul_(grad)
 
 
-# MLP activations: (function, backward(grad, input))
-ACTIVATIONS = {"gelu": (F.gelu, aten.gelu_backward), "quick_gelu": (quick_gelu, quick_gelu_backward)}
+def gelu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad * GELU'(x) (exact GELU), written into x."""
+    return aten.gelu_backward.grad_input(grad, x, grad_input=x)
+
+
+def relu_backward_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad where x > 0, else 0, written into x."""
+    return aten.threshold_backward.grad_input(grad, x, 0, grad_input=x)
+
+
+# MLP activations: (function, in-place function, backward(grad, input) written into the input)
+ACTIVATIONS = {"gelu": (F.gelu, aten.gelu_, gelu_backward_),
+               "quick_gelu": (quick_gelu, inplace.quick_gelu_, quick_gelu_backward_),
+               "relu": (F.relu, torch.relu_, relu_backward_)}
 
 
 class _NormMLP(Function):
@@ -115,7 +131,14 @@ class _NormMLP(Function):
     def forward(ctx, x, norm_weight, norm_bias, eps, w1, b1, w2, b2, keep_hidden, activation):
         z, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
         hidden = F.linear(z, w1, b1)
-        out = F.linear(ACTIVATIONS[activation][0](hidden), w2, b2)
+        act, act_, _ = ACTIVATIONS[activation]
+        a = act(hidden) if keep_hidden else act_(hidden)
+        # a base tensor, not a view of a (rows, C) product: callers may add a residual into it
+        out = x.new_empty(*x.shape[:-1], w2.shape[0])
+        if b2 is None:
+            torch.mm(_rows(a), w2.t(), out=_rows(out))
+        else:
+            torch.addmm(b2, _rows(a), w2.t(), out=_rows(out))
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, hidden if keep_hidden else None)
         ctx.setup = (eps, activation)
         return out
@@ -124,14 +147,21 @@ class _NormMLP(Function):
     def backward(ctx, grad):
         x, mean, rstd, norm_weight, norm_bias, w1, b1, w2, hidden = ctx.saved_tensors
         eps, activation = ctx.setup
-        act, act_backward = ACTIVATIONS[activation]
+        act, _, act_backward_ = ACTIVATIONS[activation]
         need_x, need_nw, need_nb, _, need_w1, need_b1, need_w2, need_b2, _, _ = ctx.needs_input_grad
         z = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)[0]
-        if hidden is None:
+        recomputed = hidden is None
+        if recomputed:
             hidden = F.linear(z, w1, b1)
-        grad_a, grad_w2, grad_b2 = _linear_backward(grad, act(hidden), w2, (True, need_w2, need_b2))
-        grad_hidden = act_backward(grad_a, hidden)
-        del grad_a, hidden
+        # fresh buffers are reused (fresh large allocations are the slow part on CPU): the
+        # activation's buffer takes the gradient w.r.t. it, a recomputed hidden layer its own
+        a = act(hidden)
+        g = _rows(grad)
+        grad_w2 = g.t() @ _rows(a) if need_w2 else None
+        grad_b2 = g.sum(0) if need_b2 else None
+        grad_a = torch.mm(g, w2, out=a.view(-1, a.shape[-1])).view_as(a)
+        grad_hidden = act_backward_(grad_a, hidden if recomputed else hidden.clone())
+        del grad_a, a, hidden
         need_z = need_x or need_nw or need_nb
         grad_z, grad_w1, grad_b1 = _linear_backward(grad_hidden, z, w1, (need_z, need_w1, need_b1))
         grad_x = grad_nw = grad_nb = None
@@ -143,7 +173,7 @@ class _NormMLP(Function):
 
 def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, keep_hidden: bool = False,
              activation: str = "gelu") -> torch.Tensor:
-    """fc2(act(fc1(norm(x)))), act one of `ACTIVATIONS` (exact GELU, QuickGELU). x: (..., C) ->
+    """fc2(act(fc1(norm(x)))), act one of `ACTIVATIONS` (exact GELU, QuickGELU, ReLU). x: (..., C) ->
     (..., C_out). Without `keep_hidden`, fc1 runs again in the backward pass instead of its
     output (4x wider than x in a transformer MLP) being stored."""
     return _NormMLP.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
@@ -173,8 +203,8 @@ class _NormReLUConv(Function):
             [0, 0], 1, [need_pre, need_w, need_b and has_bias])
         grad_y = grad_nw = grad_nb = None
         if need_pre:
-            grad_pre = aten.threshold_backward(grad_a, a, 0)
-            del grad_a, a
+            grad_pre = aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
+            del a
             grad_y, grad_nw, grad_nb = aten.native_group_norm_backward(
                 grad_pre, y, mean, rstd, norm_weight, n, c, hw, groups, [need_y, need_nw, need_nb])
         return grad_y, grad_nw, grad_nb, None, None, grad_w, grad_b, None
@@ -268,7 +298,7 @@ class _UpsampledBCE(Function):
     def forward(ctx, logits, targets, ignore):
         x = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
         valid = targets != ignore
-        label = targets.masked_fill(~valid, 0).unsqueeze(1)  # (B, 1, H, W)
+        label = targets.masked_fill(~valid, 0).long().unsqueeze(1)  # (B, 1, H, W)
         # every element as a negative, x - log sigmoid(x); a positive instead loses x
         total = (x - F.logsigmoid(x)).sum() - (x.gather(1, label).squeeze(1) * valid).sum()
         ctx.save_for_backward(logits, label, valid)
