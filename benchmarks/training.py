@@ -21,7 +21,11 @@ CUDA max allocated), one untimed warm-up step and `--repeats` timed steps (media
 - `aggregator`: the aggregator alone, forward + backward of a fixed random cotangent, same
   weights and inputs on both sides (dense CLIP features, text features as each side's
   predictor passes them, guidance maps); the parent reports the max abs difference of every
-  gradient (parameters and inputs) against the official one.
+  gradient (parameters and inputs) against the official one. In float32 these differences are
+  rounding amplified by random weights (GroupNorm / LayerNorm backward passes cancel large
+  terms); a float64 run of both at `--float64-classes` classes shows the two computations agree.
+
+With `ours+ckpt`, the parts' forward seconds also count the recomputation in the backward pass.
 
 The official code is NOT part of this repository. Pass the root of a checkout (the directory
 with `cat_seg/`), as for benchmarks/official_aggregator.py; without --official only our side runs:
@@ -236,6 +240,49 @@ def aggregator_worker(args) -> dict:
     return {**median, "all_seconds": [r["seconds"] for r in rows], "peak_gib": peak_rss_gib(), "before_gib": before}
 
 
+def float64_worker(args) -> dict:
+    """Both aggregators in float64 in this process, same weights and inputs, `args.classes`
+    classes: output and per-gradient differences, relative to each gradient's largest element.
+    The spatial attention's key biases are reported apart: their gradient is exactly zero in
+    exact arithmetic (softmax ignores a shift shared by all keys), so both sides hold rounding
+    noise there."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    _, model = build_training(Path(args.repo).resolve(), args.model, args.device, list(args.opts))
+    ours = model.sem_seg_head.predictor.transformer.double()
+    del model
+    h, w = ours.layers[0].swin_block.block_1.resolution
+    official = official_aggregator(args.official, ours)
+    width = ours.text_guidance_projection[0].in_features if ours.text_guidance_projection else 512
+    dims = [ours.guidance_projection[0].in_channels] + [p[0].in_channels for p in ours.decoder_guidance_projection]
+    g = torch.Generator().manual_seed(0)
+    views = args.batch
+    img = torch.randn(views, width, h, w, generator=g, dtype=torch.float64)
+    text = torch.nn.functional.normalize(
+        torch.randn(args.classes, ours.conv1.in_channels, width, generator=g, dtype=torch.float64), dim=-1)
+    guidance = [torch.randn(views, d, h * 2**i, w * 2**i, generator=g, dtype=torch.float64) for i, d in enumerate(dims)]
+    cotangent = torch.randn(views, args.classes, 4 * h, 4 * w, generator=g, dtype=torch.float64)
+    results = []
+    for agg, batched in [(official, text.repeat(views, 1, 1, 1)), (ours, text.unsqueeze(0).expand(views, -1, -1, -1))]:
+        inputs = [img.clone().requires_grad_(), *[x.clone().requires_grad_() for x in guidance]]
+        out = agg(inputs[0], batched, inputs[1:])
+        out.backward(cotangent)
+        grads = {n: p.grad for n, p in agg.named_parameters() if p.grad is not None}
+        grads.update({f"input.{i}": x.grad for i, x in enumerate(inputs)})
+        results.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    relative = {k: ((grads_a[k] - grads_b[k]).abs().max() / grads_a[k].abs().max()).item() for k in grads_a}
+    shift_invariant = {k for k in relative if ".swin_block." in k and k.endswith("attn.k.bias")}
+    rest = {k: v for k, v in relative.items() if k not in shift_invariant}
+    worst = max(rest, key=rest.get)
+    return {"classes": args.classes, "output_rel": ((out_a - out_b).abs().max() / out_a.abs().max()).item(),
+            "grad_rel": rest[worst], "grad_rel_name": worst, "gradients": len(rest), "key_biases": len(shift_invariant),
+            "key_bias_abs": max((grads_a[k] - grads_b[k]).abs().max().item() for k in shift_invariant),
+            "key_bias_max": max(grads_a[k].abs().max().item() for k in shift_invariant)}
+
+
 def gradient_difference(official: Path, ours: Path) -> dict:
     """Max abs difference over all gradients and the largest one for scale; per gradient, the
     max abs difference relative to that gradient's largest element: the worst one and its name."""
@@ -322,7 +369,9 @@ def main():
     p.add_argument("--memory-limit-gib", type=float, default=22.0, help="address-space cap per CPU configuration (0: none)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--opts", nargs="*", default=[], help="extra config overrides of our model KEY VALUE ...")
-    p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--float64-classes", type=int, default=24,
+                   help="with --official: classes of the float64 gradient check (0: skip)")
+    p.add_argument("--worker", choices=[*VARIANTS, "float64"], help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -330,7 +379,8 @@ def main():
     args.repo = str(Path(args.repo).resolve())
     args.batch = args.batch or (2 if args.device == "cpu" else 1)
     if args.worker:
-        print(json.dumps((step_worker if args.worker == "step" else aggregator_worker)(args)))
+        workers = {"step": step_worker, "aggregator": aggregator_worker, "float64": float64_worker}
+        print(json.dumps(workers[args.worker](args)))
         return
     if args.official:
         args.official = str(Path(args.official).resolve())
@@ -355,6 +405,22 @@ def main():
     if "step" in results:
         print(f"\nTraining step (K = {args.classes}, batch {args.batch} at {args.size}x{args.size}):\n")
         print(step_table(results["step"]))
+    if args.official and args.float64_classes:
+        results["float64"] = []
+        print(f"\nAggregator gradients in float64, official against ours (K = {args.float64_classes}):\n")
+        for model in args.models:
+            saved = args.classes
+            args.classes = args.float64_classes
+            r = {"model": model, **run(args, "float64", model, "ours")}
+            args.classes = saved
+            results["float64"].append(r)
+            if "error" in r:
+                print(f"- {model}: {r['error']}")
+                continue
+            print(f"- {model}: output {r['output_rel']:.1e}, worst of {r['gradients']} gradients "
+                  f"{r['grad_rel']:.1e} ({r['grad_rel_name']}), relative to each gradient's largest element; "
+                  f"the {r['key_biases']} spatial key biases (exactly zero in exact arithmetic): |difference| {r['key_bias_abs']:.1e}, "
+                  f"|gradient| {r['key_bias_max']:.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -404,11 +404,14 @@ class AggregatorLayer(nn.Module):
         b, t = x.shape[:2]
         context = self.swin_block.prepare(appearance)
         spatial = lambda xs: self.swin_block(xs.flatten(0, 1), context).unflatten(0, (b, -1))  # noqa: E731
-        if checkpoint and torch.is_grad_enabled():
-            x = torch.cat([checkpointed(spatial)(xs) for xs in x.split(class_chunk or t, dim=1)], dim=1)
-            return checkpointed(self.attention)(x, text, position_chunk)
-        x = over_chunks(lambda s: spatial(x[:, s]), t, class_chunk or t, out=None if torch.is_grad_enabled() else x)
-        return self.attention(x, text, position_chunk)
+        if not torch.is_grad_enabled():
+            x = over_chunks(lambda s: spatial(x[:, s]), t, class_chunk or t, out=x)
+            return self.attention(x, text, position_chunk)
+        attention = self.attention
+        if checkpoint:
+            spatial, attention = checkpointed(spatial), checkpointed(attention)
+        x = torch.cat([spatial(xs) for xs in x.split(class_chunk or t, dim=1)], dim=1)
+        return attention(x, text, position_chunk)
 
 
 class DoubleConv(nn.Module):
@@ -581,14 +584,16 @@ class Aggregator(nn.Module):
     def chunk_sizes(self, views: int, classes: int, h: int, w: int,
                     device: torch.device = torch.device("cpu")) -> Tuple[int, int]:
         """(classes per chunk, positions per chunk of the class attention) for this input: all
-        of them on the plain path and in training, else within the budget; in training with
-        `checkpoint`, classes within the budget (the chunks are recomputed one at a time)."""
-        training = torch.is_grad_enabled()
-        if not self.fused or (training and not self.checkpoint):
+        of them on the plain path, else within the budget; in training, classes within the
+        budget and all positions. (Training chunks store as much as one pass, but the backward
+        pass runs chunk by chunk, so its temporaries are one chunk's; with `checkpoint` the
+        chunks are also recomputed one at a time.)"""
+        if not self.fused:
             return classes, h * w
+        if torch.is_grad_enabled():  # MEMORY_BUDGET_MB alone: CPU_CHUNK_MB sizes inference's cache-sized chunks
+            training = ChunkBudget(self.budget.memory_mb, 0, self.budget.class_chunk)
+            return training.classes(classes, views * self.slice_bytes(h, w), device), h * w
         per_class = self.budget.classes(classes, views * self.slice_bytes(h, w), device)
-        if training:
-            return per_class, h * w
         per_position = self.budget.items(h * w, class_attention_bytes_per_position(views, classes,
                                                                                     self.conv1.out_channels), device)
         return per_class, per_position
@@ -649,6 +654,7 @@ class Aggregator(nn.Module):
             y = self.decoder2(self.decoder1(y, contexts[0]), contexts[1])
             logits = self.head(y) if torch.is_tensor(y) else conv_after(y, self.head.weight, self.head.bias, padding=1)
             return logits.unflatten(0, (b, -1)).squeeze(2)
-        if self.checkpoint and torch.is_grad_enabled():
-            return torch.cat([checkpointed(decode)(xs) for xs in x.split(per_class, dim=1)], dim=1)
+        if torch.is_grad_enabled():
+            decode = checkpointed(decode) if self.checkpoint else decode
+            return torch.cat([decode(xs) for xs in x.split(per_class, dim=1)], dim=1)
         return over_chunks(lambda s: decode(x[:, s]), t, per_class)
