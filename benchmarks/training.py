@@ -15,7 +15,8 @@ CUDA max allocated), one untimed warm-up step and `--repeats` timed steps (media
   over layers), the decoder (both upsampling stages and the head). A part's backward is the
   time from the gradient reaching its output to the gradient reaching its input (tensor hooks),
   so "agg other" (guidance projections, text guidance, slicing) is the aggregator's total
-  minus its parts. Variants: `ours`, `ours+ckpt` (MODEL.SEM_SEG_HEAD.CHECKPOINT_ACTIVATIONS),
+  minus its parts. Variants: `ours`, `ours+ckpt` (MODEL.SEM_SEG_HEAD.CHECKPOINT_ACTIVATIONS,
+  with MEMORY_BUDGET_MB 256: recomputed chunks of about a quarter GB),
   and `official`: the same pipeline with the official `Aggregator` in place of ours (same
   weights), so the step differs only by the aggregator.
 - `aggregator`: the aggregator alone, forward + backward of a fixed random cotangent, same
@@ -130,8 +131,12 @@ def official_aggregator(official_root: str, ours):
     return agg.train()
 
 
+# the smallest-memory setting: checkpointing, and a quarter of the default chunk budget
+CHECKPOINT_OPTS = ["MODEL.SEM_SEG_HEAD.CHECKPOINT_ACTIVATIONS", "True", "MODEL.SEM_SEG_HEAD.MEMORY_BUDGET_MB", "256"]
+
+
 def variant_opts(variant: str):
-    return ["MODEL.SEM_SEG_HEAD.CHECKPOINT_ACTIVATIONS", "True"] if variant == "ours+ckpt" else []
+    return CHECKPOINT_OPTS if variant == "ours+ckpt" else []
 
 
 def step_worker(args) -> dict:

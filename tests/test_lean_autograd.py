@@ -189,3 +189,32 @@ def test_lean_only_with_autograd_and_without_autocast():
         assert not lean.use_lean(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not lean.use_lean(x)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_norm_qkv_attention(masked):
+    """LayerNorm, packed q / k / v with the per-image q / k term, windowed softmax attention (with
+    per-window additive masks), against the explicit computation; q / k / v are not stored."""
+    n, nw, length, heads, d = 4, 3, 6, 2, 4
+    c = heads * d
+    norm = layer_norm(c, 1)
+    x, w, b = randn(n, nw, length, c), randn(3 * c, c, seed=2), randn(3 * c, seed=3)
+    term = randn(2, nw, length, 2 * c, seed=4)
+    masks = torch.zeros(nw, length, length).masked_fill(torch.rand(nw, length, length) < 0.3, -100.0) if masked else None
+    scale = d ** -0.5
+
+    def plain(x, nw_, nb_, w, b, term):
+        qkv = F.linear(F.layer_norm(x, (c,), nw_, nb_, norm.eps), w, b)
+        qkv = qkv + F.pad(term, (0, c)).repeat_interleave(2, dim=0)
+        q, k, v = (t.unflatten(-1, (heads, d)).transpose(-3, -2) for t in qkv.split(c, dim=-1))
+        logits = q @ k.transpose(-1, -2) * scale
+        if masks is not None:
+            logits = logits + masks.unsqueeze(1)
+        return torch.softmax(logits, dim=-1) @ v
+
+    def fast(x, nw_, nb_, w, b, term):
+        return lean._NormQKVAttention.apply(x, nw_, nb_, norm.eps, w, b, term, heads, scale, masks)
+    inputs = [x, norm.weight, norm.bias, w, b, term]
+    assert lean.fused_attention_backward_available(x)
+    assert_same(plain, fast, inputs)
+    assert saved_bytes(fast, inputs) < saved_bytes(plain, inputs)

@@ -36,7 +36,8 @@ from .attention import AttentionLayer, ExtraTokens, per_window_attention
 from .chunking import (ChunkBudget, class_attention_bytes_per_position, decoder_bytes_per_class, over_chunks,
                        spatial_bytes_per_class)
 from .inplace import mlp, residual
-from .lean_autograd import PreActivation, conv_after, interleave_phases, norm_linear, norm_mlp, permute_rows, use_lean
+from .lean_autograd import (PreActivation, conv_after, fused_attention_backward_available, interleave_phases,
+                            norm_linear, norm_mlp, norm_qkv_attention, permute_rows, use_lean)
 
 
 def set_fused(module: nn.Module, fused: bool) -> None:
@@ -126,9 +127,16 @@ class WindowAttention(nn.Module):
         `guidance_terms`, or None; mask: (nW, N, N) additive, or None. Returns (B * t, nW, N, C).
 
         In training (`lean_autograd.use_lean`) q, k and v are not stored: the backward pass
-        computes them again from x (one matrix product and the attention forward), which keeps
-        three quarters of the block's attention activations out of memory."""
-        if norm is not None and use_lean(x):
+        computes them again from x (one matrix product; on CPU `lean_autograd.norm_qkv_attention`
+        then runs the fused kernel's backward from the stored output, elsewhere the attention
+        forward runs again), which keeps three quarters of the block's attention activations out
+        of memory."""
+        if norm is not None and use_lean(x) and fused_attention_backward_available(x):
+            c = self.dim
+            weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
+            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+            out = norm_qkv_attention(x, norm, weight, bias, guidance, self.num_heads, self.scale, mask)
+        elif norm is not None and use_lean(x):
             out = checkpointed(self.attend)(x, guidance, mask, norm)
         else:
             out = self.attend(x, guidance, mask, norm)

@@ -14,6 +14,9 @@ and several of these intermediates are cheap to recompute from their neighbours:
 - `norm_relu_conv`: GroupNorm, ReLU, then a convolution (the decoder's links); keeps the
   GroupNorm input and statistics, the activation is recomputed for the convolution's weight
   gradient;
+- `norm_qkv_attention`: LayerNorm, the packed q / k / v projection and windowed softmax
+  attention (PyTorch's fused CPU kernel and its backward); keeps the input, the attention output
+  and the log-sum-exp only: q, k and v are computed again in the backward pass;
 - `permute_rows`: a permutation along dim 1 (window orders); its backward is the inverse
   permutation, not a scatter into zeros;
 - `interleave_phases`: the decoder's four-phase interleave plus a per-image term; its backward
@@ -321,3 +324,92 @@ def upsampled_bce(logits: torch.Tensor, targets: torch.Tensor, ignore: int) -> t
     size, against one-hot targets from labels (B, H, W); ignored pixels are all-negative and
     still counted (the official loss, `meta_arch.bce_loss`)."""
     return _UpsampledBCE.apply(logits, targets, ignore)
+
+
+FLASH_CPU = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FLASH_CPU_BACKWARD = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _heads(qkv: torch.Tensor, heads: int):
+    """(n, nW, N, 3C) -> q, k, v, each (n, nW, heads, N, d) views."""
+    return [t.unflatten(-1, (heads, -1)).transpose(-3, -2) for t in qkv.split(qkv.shape[-1] // 3, dim=-1)]
+
+
+def _window_masks(masks: Optional[torch.Tensor], count: int, dtype):
+    """Per window position, its (1, 1, N, N) additive mask, or None for all."""
+    return [None] * count if masks is None else [m.view(1, 1, *m.shape[-2:]).to(dtype) for m in masks]
+
+
+class _NormQKVAttention(Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias, image_term, heads, scale, masks):
+        z, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        qkv = F.linear(z, weight, bias)
+        del z
+        if image_term is not None:
+            _per_image(qkv, image_term.shape[0], image_term.shape[-1]).add_(image_term.unsqueeze(1))
+        q, k, v = _heads(qkv, heads)
+        n, nw = q.shape[:2]
+        if masks is None:  # all windows in one call: (n * nW, heads, N, d)
+            out, lse = FLASH_CPU(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale=scale)
+            out, lses = out.unflatten(0, (n, nw)), [lse]
+        else:  # one call per window position (its own mask); outputs written in the kernel's layout
+            out = q.new_empty(n, nw, q.shape[3], heads, q.shape[4]).transpose(-3, -2)
+            lses = []
+            for i, mask in enumerate(_window_masks(masks, nw, q.dtype)):
+                o, lse = FLASH_CPU(q[:, i], k[:, i], v[:, i], attn_mask=mask, scale=scale)
+                out[:, i] = o
+                lses.append(lse)
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, bias, image_term, masks, out, *lses)
+        ctx.setup = (eps, heads, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, rstd, norm_weight, norm_bias, weight, bias, image_term, masks, out, *lses = ctx.saved_tensors
+        eps, heads, scale = ctx.setup
+        need_x, need_nw, need_nb, _, need_w, need_b, need_term = ctx.needs_input_grad[:7]
+        z = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)[0]
+        qkv = F.linear(z, weight, bias)
+        if image_term is not None:
+            _per_image(qkv, image_term.shape[0], image_term.shape[-1]).add_(image_term.unsqueeze(1))
+        q, k, v = _heads(qkv, heads)
+        grad_qkv = torch.empty_like(qkv)
+        gq, gk, gv = _heads(grad_qkv, heads)
+        n, nw = q.shape[:2]
+        if masks is None:
+            grads = FLASH_CPU_BACKWARD(grad_out.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                       out.flatten(0, 1), lses[0], 0.0, False, scale=scale)
+            for target, g in zip((gq, gk, gv), grads):
+                target.copy_(g.unflatten(0, (n, nw)))
+        else:
+            for i, mask in enumerate(_window_masks(masks, nw, q.dtype)):
+                grads = FLASH_CPU_BACKWARD(grad_out[:, i], q[:, i], k[:, i], v[:, i], out[:, i], lses[i], 0.0, False,
+                                           attn_mask=mask, scale=scale)
+                for target, g in zip((gq, gk, gv), grads):
+                    target[:, i] = g
+        del q, k, v, qkv
+        need_z = need_x or need_nw or need_nb
+        grad_z, grad_w, grad_b = _linear_backward(grad_qkv, z, weight, (need_z, need_w, need_b))
+        grad_x = grad_nw = grad_nb = grad_term = None
+        if need_z:
+            grad_x, grad_nw, grad_nb = aten.native_layer_norm_backward(
+                grad_z, x, [x.shape[-1]], mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+        if need_term:
+            grad_term = _per_image(grad_qkv, image_term.shape[0], image_term.shape[-1]).sum(1)
+        return grad_x, grad_nw, grad_nb, None, grad_w, grad_b, grad_term, None, None, None
+
+
+def fused_attention_backward_available(x: torch.Tensor) -> bool:
+    """Whether `norm_qkv_attention` can run: PyTorch's fused CPU attention and its backward."""
+    return x.device.type == "cpu" and FLASH_CPU is not None and FLASH_CPU_BACKWARD is not None
+
+
+def norm_qkv_attention(x: torch.Tensor, norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor,
+                       image_term: Optional[torch.Tensor], heads: int, scale: float,
+                       masks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax attention of q, k, v = F.linear(norm(x), weight, bias) (+ `image_term` on q / k,
+    see `norm_linear`) within each window. x: (n, nW, N, C); weight: (3C, C) packed [q; k; v];
+    masks: (nW, N, N) additive per window position, or None. Returns (n, nW, heads, N, d), in the
+    memory layout of (n, nW, N, heads, d). CPU (`fused_attention_backward_available`)."""
+    return _NormQKVAttention.apply(x, norm.weight, norm.bias, norm.eps, weight, bias, image_term, heads, scale, masks)
