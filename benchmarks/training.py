@@ -245,12 +245,16 @@ def aggregator_worker(args) -> dict:
     return {**median, "all_seconds": [r["seconds"] for r in rows], "peak_gib": peak_rss_gib(), "before_gib": before}
 
 
+def shift_invariant(name: str) -> bool:
+    """The spatial (softmax) attention's key biases: exactly zero gradient in exact arithmetic,
+    since softmax ignores a shift shared by all keys; both sides hold rounding noise there."""
+    return ".swin_block." in name and name.endswith("attn.k.bias")
+
+
 def float64_worker(args) -> dict:
     """Both aggregators in float64 in this process, same weights and inputs, `args.classes`
-    classes: output and per-gradient differences, relative to each gradient's largest element.
-    The spatial attention's key biases are reported apart: their gradient is exactly zero in
-    exact arithmetic (softmax ignores a shift shared by all keys), so both sides hold rounding
-    noise there."""
+    classes: output and per-gradient differences, relative to each gradient's largest element;
+    the `shift_invariant` key biases are reported apart."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -259,7 +263,7 @@ def float64_worker(args) -> dict:
     ours = model.sem_seg_head.predictor.transformer.double()
     del model
     h, w = ours.layers[0].swin_block.block_1.resolution
-    official = official_aggregator(args.official, ours)
+    official = official_aggregator(args.official, ours).double()
     width = ours.text_guidance_projection[0].in_features if ours.text_guidance_projection else 512
     dims = [ours.guidance_projection[0].in_channels] + [p[0].in_channels for p in ours.decoder_guidance_projection]
     g = torch.Generator().manual_seed(0)
@@ -279,25 +283,26 @@ def float64_worker(args) -> dict:
         results.append((out.detach(), grads))
     (out_a, grads_a), (out_b, grads_b) = results
     relative = {k: ((grads_a[k] - grads_b[k]).abs().max() / grads_a[k].abs().max()).item() for k in grads_a}
-    shift_invariant = {k for k in relative if ".swin_block." in k and k.endswith("attn.k.bias")}
-    rest = {k: v for k, v in relative.items() if k not in shift_invariant}
+    invariant = {k for k in relative if shift_invariant(k)}
+    rest = {k: v for k, v in relative.items() if k not in invariant}
     worst = max(rest, key=rest.get)
     return {"classes": args.classes, "output_rel": ((out_a - out_b).abs().max() / out_a.abs().max()).item(),
-            "grad_rel": rest[worst], "grad_rel_name": worst, "gradients": len(rest), "key_biases": len(shift_invariant),
-            "key_bias_abs": max((grads_a[k] - grads_b[k]).abs().max().item() for k in shift_invariant),
-            "key_bias_max": max(grads_a[k].abs().max().item() for k in shift_invariant)}
+            "grad_rel": rest[worst], "grad_rel_name": worst, "gradients": len(rest), "key_biases": len(invariant),
+            "key_bias_abs": max((grads_a[k] - grads_b[k]).abs().max().item() for k in invariant),
+            "key_bias_max": max(grads_a[k].abs().max().item() for k in invariant)}
 
 
 def gradient_difference(official: Path, ours: Path) -> dict:
     """Max abs difference over all gradients and the largest one for scale; per gradient, the
-    max abs difference relative to that gradient's largest element: the worst one and its name."""
+    max abs difference relative to that gradient's largest element: the worst one and its name
+    (leaving out the `shift_invariant` ones, rounding noise on both sides)."""
     import torch
 
     a, b = torch.load(official), torch.load(ours)
     if set(a) != set(b):
         return {"grad_diff": float("nan"), "grad_keys_differ": sorted(set(a) ^ set(b))}
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
-    relative = {k: diffs[k] / max(a[k].abs().max().item(), 1e-30) for k in a}
+    relative = {k: diffs[k] / max(a[k].abs().max().item(), 1e-30) for k in a if not shift_invariant(k)}
     worst = max(relative, key=relative.get)
     return {"grad_diff": max(diffs.values()), "grad_max": max(a[k].abs().max().item() for k in a),
             "grad_rel": relative[worst], "grad_rel_name": worst}
@@ -315,19 +320,23 @@ def fmt_parts(r, key):
     return " | ".join(f"{r[key][p]:.2f}" for p in PARTS)
 
 
+def against_official(rows):
+    """Per row: (official row of its model or None, speed ratio text, memory ratio text)."""
+    ref = {r["model"]: r for r in rows if r["variant"] == "official" and "seconds" in r}
+    for r in rows:
+        o = ref.get(r["model"]) if "seconds" in r else None
+        yield r, (f"{o['seconds'] / r['seconds']:.2f}x" if o else "-"), (f"{r['peak_gib'] / o['peak_gib']:.2f}" if o else "-")
+
+
 def step_table(rows) -> str:
     lines = ["| model | variant | s / step | forward | backward | optimizer | peak GiB | "
              + " | ".join(f"{p} fwd" for p in PARTS) + " | " + " | ".join(f"{p} bwd" for p in PARTS)
              + " | speed vs official | memory vs official |",
              "|---|---|---|---|---|---|---|" + "---|" * (2 * len(PARTS)) + "---|---|"]
-    ref = {r["model"]: r for r in rows if r["variant"] == "official" and "seconds" in r}
-    for r in rows:
+    for r, speed, memory in against_official(rows):
         if "seconds" not in r:
             lines.append(f"| {r['model']} | {r['variant']} | {r['error']} |" + " |" * (6 + 2 * len(PARTS)))
             continue
-        o = ref.get(r["model"])
-        speed = f"{o['seconds'] / r['seconds']:.2f}x" if o else "-"
-        memory = f"{r['peak_gib'] / o['peak_gib']:.2f}" if o else "-"
         lines.append(f"| {r['model']} | {r['variant']} | {r['seconds']:.2f} | {r['forward']:.2f} | "
                      f"{r['backward']:.2f} | {r['optimizer']:.2f} | {r['peak_gib']:.2f} | "
                      f"{fmt_parts(r, 'parts_forward')} | {fmt_parts(r, 'parts_backward')} | {speed} | {memory} |")
@@ -339,17 +348,13 @@ def aggregator_table(rows) -> str:
              + " | ".join(f"{p} fwd / bwd" for p in PARTS) + " | max grad diff (max grad); worst relative | speed vs official | "
              "memory vs official |",
              "|---|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|"]
-    ref = {r["model"]: r for r in rows if r["variant"] == "official" and "seconds" in r}
-    for r in rows:
+    for r, speed, memory in against_official(rows):
         if "seconds" not in r:
             lines.append(f"| {r['model']} | {r['variant']} | {r['error']} |" + " |" * (6 + len(PARTS)))
             continue
-        o = ref.get(r["model"])
         diff = (f"{r['grad_diff']:.1e} ({r['grad_max']:.1e}); relative {r['grad_rel']:.1e}"
                 if "grad_diff" in r else "-")
         parts = " | ".join(f"{r['parts_forward'][p]:.2f} / {r['parts_backward'][p]:.2f}" for p in PARTS)
-        speed = f"{o['seconds'] / r['seconds']:.2f}x" if o else "-"
-        memory = f"{r['peak_gib'] / o['peak_gib']:.2f}" if o else "-"
         lines.append(f"| {r['model']} | {r['variant']} | {r['seconds']:.2f} | {r['forward']:.2f} | "
                      f"{r['backward']:.2f} | {r['peak_gib']:.2f} | {r['before_gib']:.2f} | {parts} | {diff} | "
                      f"{speed} | {memory} |")
@@ -361,7 +366,8 @@ def main():
     p.add_argument("--official", default="", help="root of an official CAT-Seg checkout (contains cat_seg/)")
     p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="our repository (default: this one)")
     p.add_argument("--models", nargs="+", default=["B", "L", "CVPR24-B", "CVPR24-L"], choices=list(MODELS))
-    p.add_argument("--scopes", nargs="+", default=["aggregator", "step"], choices=list(VARIANTS))
+    p.add_argument("--scopes", nargs="+", default=["aggregator", "step", "float64"], choices=[*VARIANTS, "float64"],
+                   help="float64: the gradient check, with --official")
     p.add_argument("--variants", nargs="+", default=["official", "ours", "ours+ckpt"],
                    choices=["official", "ours", "ours+ckpt"])
     p.add_argument("--classes", type=int, default=171)
@@ -374,8 +380,7 @@ def main():
     p.add_argument("--memory-limit-gib", type=float, default=22.0, help="address-space cap per CPU configuration (0: none)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--opts", nargs="*", default=[], help="extra config overrides of our model KEY VALUE ...")
-    p.add_argument("--float64-classes", type=int, default=24,
-                   help="with --official: classes of the float64 gradient check (0: skip)")
+    p.add_argument("--float64-classes", type=int, default=24, help="classes of the float64 gradient check")
     p.add_argument("--worker", choices=[*VARIANTS, "float64"], help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -393,9 +398,9 @@ def main():
             p.error(f"{args.official} has no {OFFICIAL_MODULE.replace('.', '/')}.py: clone "
                     "https://github.com/cvlab-kaist/CAT-Seg and pass its root")
     variants = [v for v in args.variants if v != "official" or args.official]
-    results = {scope: [] for scope in args.scopes}
+    results = {scope: [] for scope in args.scopes if scope in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
-        for scope in args.scopes:
+        for scope in results:
             for model in args.models:
                 grads = {v: str(Path(tmp) / f"grads-{model}-{v}.pt") for v in variants}
                 for v in variants:
@@ -410,7 +415,7 @@ def main():
     if "step" in results:
         print(f"\nTraining step (K = {args.classes}, batch {args.batch} at {args.size}x{args.size}):\n")
         print(step_table(results["step"]))
-    if args.official and args.float64_classes:
+    if args.official and "float64" in args.scopes:
         results["float64"] = []
         print(f"\nAggregator gradients in float64, official against ours (K = {args.float64_classes}):\n")
         for model in args.models:

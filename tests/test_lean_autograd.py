@@ -30,6 +30,18 @@ def assert_same(fn_a, fn_b, inputs):
             torch.testing.assert_close(ga, gb, rtol=0, atol=TOL)
 
 
+def assert_same_parameter_grads(fn_a, fn_b, inputs, params):
+    """The gradients that fn_a and fn_b (closures over modules) leave in `params` are the same."""
+    grads = []
+    for fn in (fn_a, fn_b):
+        for p in params:
+            p.grad = None
+        gradients(fn, inputs)
+        grads.append([p.grad.clone() for p in params])
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=TOL)
+
+
 def saved_bytes(fn, inputs) -> int:
     """Bytes of distinct storages autograd keeps for the backward pass of fn(*inputs)."""
     seen = {}
@@ -96,16 +108,8 @@ def test_norm_mlp(activation, keep_hidden):
 
     def fast(x, *params):
         return lean.norm_mlp(x, norm, fc1, fc2, keep_hidden=keep_hidden, activation=activation)
-    params = [norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
     assert_same(plain, fast, [x])
-    grads = []
-    for fn in (plain, fast):
-        for p in params:
-            p.grad = None
-        gradients(fn, [x])
-        grads.append([p.grad.clone() for p in params])
-    for ga, gb in zip(*grads):
-        torch.testing.assert_close(ga, gb, rtol=0, atol=TOL)
+    assert_same_parameter_grads(plain, fast, [x], [norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias])
     assert saved_bytes(fast, [x]) < saved_bytes(plain, [x])
     # the 4x-wide hidden layer (float64) is what keep_hidden adds, and all it adds
     with_hidden, without = (saved_bytes(lambda x: lean.norm_mlp(x, norm, fc1, fc2, keep, activation), [x])
@@ -138,15 +142,7 @@ def test_norm_relu_conv(bias):
     def fast(y, *params):
         return lean.conv_after(lean.PreActivation(y, norm), conv.weight, conv.bias, padding=1)
     assert_same(plain, fast, [y])
-    params = [norm.weight, norm.bias, *conv.parameters()]
-    grads = []
-    for fn in (plain, fast):
-        for p in params:
-            p.grad = None
-        gradients(fn, [y])
-        grads.append([p.grad.clone() for p in params])
-    for ga, gb in zip(*grads):
-        torch.testing.assert_close(ga, gb, rtol=0, atol=TOL)
+    assert_same_parameter_grads(plain, fast, [y], [norm.weight, norm.bias, *conv.parameters()])
     assert saved_bytes(fast, [y]) < saved_bytes(plain, [y])
     torch.testing.assert_close(lean.PreActivation(y, norm).materialize(), F.relu(norm(y)), rtol=0, atol=0)
 
