@@ -272,11 +272,9 @@ def add_catseg_config(cfg):
     head.ATTENTION_TYPE = "linear"  # class aggregation attention: "linear" or "full"
     head.CLASS_CHUNK_SIZE = 0  # classes per chunk in spatial blocks / decoder (0: from MEMORY_BUDGET_MB)
     head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
-    # (and the checkpointed class chunks in training)
-    # training: recompute the aggregator's layers and decoder in the backward pass instead of storing
-    # their activations (exact; less memory, more time); spatial blocks and decoder over class chunks
-    # sized by MEMORY_BUDGET_MB
-    head.CHECKPOINT_ACTIVATIONS = False
+    # (and the class chunks of training, which are recomputed one at a time with CHECKPOINT_ACTIVATIONS)
+    # spatial blocks and decoder run over class chunks sized by MEMORY_BUDGET_MB
+    head.CHECKPOINT_ACTIVATIONS = False  # training: recompute aggregator layers / decoder in backward (exact, less memory)
     head.CLASS_PAD_LENGTH = 0  # CVPR'24 (256): pad the class attention to this many classes, keep the best this many above it
     head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB (cache- and allocator-friendly; 0: off)
 
