@@ -22,7 +22,11 @@ The fast paths compute the same result up to float rounding (tests/test_fused.py
   term, and their MLP and upsampling, whose outputs are discarded, are skipped;
 - without autograd, the spatial blocks and the decoder run over class chunks and the class
   attention over chunks of positions, so peak memory follows a `ChunkBudget` at any T, and
-  residuals and activations are computed in place.
+  residuals and activations are computed in place;
+- in training, the spatial blocks and the decoder run over class chunks too (the backward pass
+  then works chunk by chunk), the cheap intermediates are recomputed in the backward pass
+  instead of stored (`lean_autograd`), and with `checkpoint` (CHECKPOINT_ACTIVATIONS) each
+  chunk and each class attention is recomputed whole.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -51,6 +55,13 @@ def checkpointed(fn: Callable) -> Callable:
     """fn with activation checkpointing: only its inputs are stored, its forward runs again in
     the backward pass (exact: the same operations on the same values)."""
     return lambda *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def over_class_chunks(fn: Callable, x: torch.Tensor, size: int, checkpoint: bool) -> torch.Tensor:
+    """Training: fn over (B, size, ...) class chunks of x, concatenated along the classes
+    (split / cat: their backward passes are views); each chunk `checkpointed` when asked."""
+    fn = checkpointed(fn) if checkpoint else fn
+    return torch.cat([fn(xs) for xs in x.split(size, dim=1)], dim=1)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -119,6 +130,13 @@ class WindowAttention(nn.Module):
         c = self.dim
         return F.linear(guidance, torch.cat([self.q.weight[:, c:], self.k.weight[:, c:]]))
 
+    def packed_qkv(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(3C, C) weight and (3C,) bias of [q; k; v] on the class slice (the guidance halves of
+        q / k are `guidance_terms`)."""
+        c = self.dim
+        weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
+        return weight, torch.cat([self.q.bias, self.k.bias, self.v.bias])
+
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """Fused path: q, k and v of the class slices from one matrix product, the guidance part
@@ -132,10 +150,7 @@ class WindowAttention(nn.Module):
         forward runs again), which keeps three quarters of the block's attention activations out
         of memory."""
         if norm is not None and use_lean(x) and fused_attention_backward_available(x):
-            c = self.dim
-            weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
-            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-            out = norm_qkv_attention(x, norm, weight, bias, guidance, self.num_heads, self.scale, mask)
+            out = norm_qkv_attention(x, norm, *self.packed_qkv(), guidance, self.num_heads, self.scale, mask)
         elif norm is not None and use_lean(x):
             out = checkpointed(self.attend)(x, guidance, mask, norm)
         else:
@@ -146,8 +161,7 @@ class WindowAttention(nn.Module):
                norm: Optional[nn.LayerNorm]) -> torch.Tensor:
         """`forward` before the output projection: (B * t, nW, heads, N, d)."""
         n, nw, length, c = x.shape
-        weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        weight, bias = self.packed_qkv()
         if norm is not None and use_lean(x):
             qkv = norm_linear(x, norm, weight, bias, guidance)
         else:
@@ -415,10 +429,8 @@ class AggregatorLayer(nn.Module):
         if not torch.is_grad_enabled():
             x = over_chunks(lambda s: spatial(x[:, s]), t, class_chunk or t, out=x)
             return self.attention(x, text, position_chunk)
-        attention = self.attention
-        if checkpoint:
-            spatial, attention = checkpointed(spatial), checkpointed(attention)
-        x = torch.cat([spatial(xs) for xs in x.split(class_chunk or t, dim=1)], dim=1)
+        x = over_class_chunks(spatial, x, class_chunk or t, checkpoint)
+        attention = checkpointed(self.attention) if checkpoint else self.attention
         return attention(x, text, position_chunk)
 
 
@@ -663,6 +675,5 @@ class Aggregator(nn.Module):
             logits = self.head(y) if torch.is_tensor(y) else conv_after(y, self.head.weight, self.head.bias, padding=1)
             return logits.unflatten(0, (b, -1)).squeeze(2)
         if torch.is_grad_enabled():
-            decode = checkpointed(decode) if self.checkpoint else decode
-            return torch.cat([decode(xs) for xs in x.split(per_class, dim=1)], dim=1)
+            return over_class_chunks(decode, x, per_class, self.checkpoint)
         return over_chunks(lambda s: decode(x[:, s]), t, per_class)

@@ -65,16 +65,23 @@ def _per_image(t: torch.Tensor, images: int, width: int) -> torch.Tensor:
     return t.view(images, -1, *t.shape[1:])[..., :width]
 
 
+def _norm_project(x, norm_weight, norm_bias, eps, weight, bias, image_term):
+    """(F.linear(layer_norm(x), weight, bias) plus the per-image term, mean, rstd); the
+    normalised x is not kept."""
+    z, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+    out = F.linear(z, weight, bias)
+    if image_term is not None:
+        _per_image(out, image_term.shape[0], image_term.shape[-1]).add_(image_term.unsqueeze(1))
+    return out, mean, rstd
+
+
 class _NormLinear(Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias, image_term):
-        z, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        out, mean, rstd = _norm_project(x, norm_weight, norm_bias, eps, weight, bias, image_term)
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight)
         ctx.eps = eps
-        out = F.linear(z, weight, bias)
         ctx.term_shape = None if image_term is None else image_term.shape
-        if image_term is not None:
-            _per_image(out, image_term.shape[0], image_term.shape[-1]).add_(image_term.unsqueeze(1))
         return out
 
     @staticmethod
@@ -343,11 +350,7 @@ def _window_masks(masks: Optional[torch.Tensor], count: int, dtype):
 class _NormQKVAttention(Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias, image_term, heads, scale, masks):
-        z, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-        qkv = F.linear(z, weight, bias)
-        del z
-        if image_term is not None:
-            _per_image(qkv, image_term.shape[0], image_term.shape[-1]).add_(image_term.unsqueeze(1))
+        qkv, mean, rstd = _norm_project(x, norm_weight, norm_bias, eps, weight, bias, image_term)
         q, k, v = _heads(qkv, heads)
         n, nw = q.shape[:2]
         if masks is None:  # all windows in one call: (n * nW, heads, N, d)
