@@ -17,12 +17,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
-
-EPILOG = f"""\
-configs (in {REPO / 'configs'}):
+EPILOG = """\
+configs (configs/ of the repository; catseg.config.shipped_config(name) finds them in an install too):
   quickstart.yaml              tiny CAT-Seg on the synthetic quick-start data, CPU (make demo)
   tiny.yaml                    tiny CAT-Seg with random CLIP, for tests and CPU experiments
   cvpr24/vitl_336.yaml         CAT-Seg CVPR'24 (L) recipe: COCO-Stuff train, ViT-L/14@336px (model_large.pth)
@@ -90,7 +87,7 @@ def prepare_config(args):
 
 def load_model(cfg, resume: bool):
     """The model of `cfg` with MODEL.WEIGHTS (or, with `resume`, the last checkpoint) loaded."""
-    from catseg.checkpoint import CATSegCheckpointer
+    from catseg.weights.checkpointer import CATSegCheckpointer
     from catseg.engine import CATSegTrainer
 
     model = CATSegTrainer.build_model(cfg)
@@ -141,7 +138,7 @@ def main(args, cfg=None):
 def check_weights(cfg, args) -> None:
     """MODEL.WEIGHTS exists, and the backbone's ImageNet weights of a run from scratch are
     downloaded once, before any process starts (one-line WeightsError otherwise)."""
-    from catseg.modeling.backbone.pretrained import check_weights_file, initial_backbone_source, resolve_pretrained
+    from catseg.weights.pretrained import check_weights_file, initial_backbone_source, resolve_pretrained
 
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not resuming:
@@ -158,7 +155,7 @@ def start(args):
     from catseg.engine import launch
     from catseg.engine.benchmarks import select_protocols
     from catseg.errors import ConfigError
-    from catseg.output_dir import make_output_dir
+    from catseg.app.output_dir import make_output_dir
 
     if args.benchmarks:
         if not args.eval_only:

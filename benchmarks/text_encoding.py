@@ -21,13 +21,13 @@ import open_clip
 import torch
 
 from catseg.data.class_names import load_class_names, synonyms
-from catseg.modeling import clip, text_cache
+from catseg.modeling import clip, text
 from catseg.modeling.clip_encoder import DenseCLIPEncoder
-from catseg.modeling.text_encoder import encode_text_bounded, eot_positions
+from catseg.modeling.text import encode_text_bounded, eot_positions
 
 
 def texts_of(names, templates):
-    """Texts in clip.class_embeddings' order (class, template, synonym)."""
+    """Texts in text.class_embeddings' order (class, template, synonym)."""
     return [t.format(s) for name in names for t in templates for s in synonyms(name)]
 
 
@@ -61,17 +61,17 @@ def bench_encoding(model, tokenizer, names, templates, batch_size, rows_per_batc
 @torch.inference_mode()
 def bench_cache_hit(model, tokenizer, names, templates):
     with tempfile.TemporaryDirectory() as tmp:
-        encoder = text_cache.CachedTextEncoder(cache_dir=tmp)
+        encoder = text.CachedTextEncoder(cache_dir=tmp)
         t0 = time.perf_counter()
-        key = text_cache.cache_key(model, tokenizer, names, templates, encoder.config)
+        key = text.cache_key(model, tokenizer, names, templates, encoder.config)
         fingerprint_s = time.perf_counter() - t0
-        few = clip.class_embeddings(model, tokenizer, names[:2], templates)
+        few = text.class_embeddings(model, tokenizer, names[:2], templates)
         placeholder = few.repeat(len(names) // 2 + 1, 1, 1)[:len(names)]
         encoder.cache.save(key, placeholder, [])
         size_mb = encoder.cache.path(key).stat().st_size / 2**20
         hits = []
         for _ in range(3):
-            text_cache._fingerprints.clear()  # a second process starts without the memo
+            text._fingerprints.clear()  # a second process starts without the memo
             t0 = time.perf_counter()
             out = encoder(model, tokenizer, names, templates)
             hits.append(time.perf_counter() - t0)
@@ -96,7 +96,7 @@ def main():
     torch.manual_seed(0)
     model = DenseCLIPEncoder(open_clip.create_model(args.arch, pretrained=None)).float().eval().to(args.device)
     tokenizer = open_clip.get_tokenizer(args.arch)
-    templates = clip.prompt_templates(args.templates)
+    templates = text.prompt_templates(args.templates)
     print(f"{args.arch} (random weights) on {args.device}, {torch.get_num_threads()} threads")
     if not args.skip_encoding:
         report_encoding(args, model, tokenizer, templates)

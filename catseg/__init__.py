@@ -9,7 +9,7 @@ from .console import silence_dependency_warnings
 silence_dependency_warnings()
 
 from . import data, modeling  # noqa: E402,F401  (registration side effects)
-from .config import add_catseg_config  # noqa: E402
-from .predictor import OpenVocabPredictor  # noqa: E402
+from .app.predictor import OpenVocabPredictor  # noqa: E402
+from .config import add_catseg_config, load_config  # noqa: E402
 
-__all__ = ["add_catseg_config", "OpenVocabPredictor"]
+__all__ = ["add_catseg_config", "load_config", "OpenVocabPredictor"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 
-from catseg.demo_cli import main  # noqa: E402
+from catseg.app.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

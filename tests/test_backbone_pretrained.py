@@ -8,9 +8,9 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 
 from catseg.engine import CATSegTrainer
-from catseg.modeling.backbone import pretrained
-from catseg.modeling.backbone.convert import swin_from_timm
-from catseg.modeling.backbone.pretrained import PretrainedWeightsError, check_weights_file, resolve_pretrained
+from catseg.weights import pretrained
+from catseg.weights.convert import swin_from_timm
+from catseg.weights.pretrained import PretrainedWeightsError, check_weights_file, resolve_pretrained
 from helpers import make_cfg
 from train_helpers import mini_quickstart, quickstart_cfg, run_train_net
 

@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import build_backbone
 from test_backbone_shapes import CONFIGS, SECTION, tiny_cfg
 
-from catseg.modeling.backbone.loading import load_backbone_checkpoint
+from catseg.weights.backbone import load_backbone_checkpoint
 
 # Module prefix of the wrapped library network: stripping it gives timm's key layout.
 LIBRARY_PREFIX = {"D2ViT": "vit.", "D2Twins": "twins.", "D2ClusterBackbone": "cluster."}

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from catseg import demo_cli
-from catseg.overlay import render_overlay
+from catseg.app import cli as demo_cli
+from catseg.app.overlay import render_overlay
 from catseg.palette import class_colors
-from catseg.predictor import Segmentation
+from catseg.app.predictor import Segmentation
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (REPO / "demo" / "samples").iterdir() if p.suffix in (".png", ".jpg"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from catseg.modeling import clip
+from catseg.modeling import clip, text
 from helpers import make_model
 
 RANDOM_CLIP = ["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random"]
@@ -161,9 +161,9 @@ def test_synonyms_are_averaged_per_template():
     model, tokenizer = clip.build_clip("ViT-B/16", "catseg-tiny-clip", "random")
     templates = ["a photo of a {}.", "art of the {}."]
     with torch.no_grad():
-        both = clip.class_embeddings(model, tokenizer, ["sky, heaven"], templates)[0]
-        sky = clip.class_embeddings(model, tokenizer, ["sky"], templates)[0]
-        heaven = clip.class_embeddings(model, tokenizer, ["heaven"], templates)[0]
+        both = text.class_embeddings(model, tokenizer, ["sky, heaven"], templates)[0]
+        sky = text.class_embeddings(model, tokenizer, ["sky"], templates)[0]
+        heaven = text.class_embeddings(model, tokenizer, ["heaven"], templates)[0]
     assert both.shape == (2, 64)
     assert torch.allclose(both, F.normalize(sky + heaven, dim=-1), atol=1e-6)
     assert torch.allclose(sky.norm(dim=-1), torch.ones(2))

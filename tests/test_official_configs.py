@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 
 from catseg.config import load_config
 from catseg.data.class_names import load_class_names
-from catseg.official_config import is_official_cvpr24_file
+from catseg.config.loader import is_official_cvpr24_file
 from helpers import CONFIGS
 from test_model import read_tsv
 

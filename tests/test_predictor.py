@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from catseg.image_io import ImageReadError
-from catseg.predictor import OpenVocabPredictor, Segmentation
-from catseg.vocabulary import EmptyVocabularyError
+from catseg.app.predictor import OpenVocabPredictor, Segmentation
+from catseg.app.vocabulary import EmptyVocabularyError
 from helpers import make_cfg
 
 VOCAB = ["sky", "grass, lawn", "house"]

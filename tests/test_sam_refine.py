@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from catseg.errors import CatsegError, ConfigError, WeightsError
-from catseg.predictor import OpenVocabPredictor
-from catseg.sam_refine import SamRefiner, refine_labels
+from catseg.app.predictor import OpenVocabPredictor
+from catseg.app.sam_refine import SamRefiner, refine_labels
 from helpers import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def test_sam_weights_from_a_local_file(tmp_path):
 
 
 def test_cli_and_page_without_sam_weights_say_so(tmp_path, capsys):
-    from catseg import demo_cli
-    from catseg.web_demo import WebDemo
+    from catseg.app import cli as demo_cli
+    from catseg.app.web import WebDemo
 
     sample = str(REPO / "demo" / "samples" / "beach.jpg")
     with pytest.raises(SystemExit) as exit_info:

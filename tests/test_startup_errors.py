@@ -12,7 +12,7 @@ import torch
 
 from catseg.config import load_config
 from catseg.errors import DEBUG_ENV, ConfigError, WeightsError, report_errors
-from catseg.predictor import OpenVocabPredictor
+from catseg.app.predictor import OpenVocabPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = str(REPO / "demo" / "samples" / "beach.jpg")

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from catseg.data.class_names import load_class_names
-from catseg.modeling import clip, text_cache
+from catseg.modeling import clip, text
 from catseg.modeling.clip_encoder import DenseCLIPEncoder
-from catseg.modeling.text_cache import CachedTextEncoder, TextEmbeddingCache, cache_key, text_tower_fingerprint
+from catseg.modeling.text import CachedTextEncoder, TextEmbeddingCache, cache_key, text_tower_fingerprint
 
 NAMES = ["cat", "sky, heaven", "traffic light"]
-TEMPLATES = clip.prompt_templates("imagenet_select")
+TEMPLATES = text.prompt_templates("imagenet_select")
 
 
 @pytest.fixture()
@@ -23,7 +23,7 @@ def tiny_clip():
 
 def fresh_encoder(directory):
     """An encoder as a new process would have it: fingerprint memo empty."""
-    text_cache._fingerprints.clear()
+    text._fingerprints.clear()
     return CachedTextEncoder(cache_dir=directory)
 
 
@@ -37,7 +37,7 @@ def test_miss_then_hit(tiny_clip, tmp_path):
     again = second(model, tokenizer, NAMES, TEMPLATES)
     assert second.last_hit is True
     assert torch.equal(emb, again)
-    assert torch.allclose(emb, clip.class_embeddings(model, tokenizer, NAMES, TEMPLATES), atol=1e-6)
+    assert torch.allclose(emb, text.class_embeddings(model, tokenizer, NAMES, TEMPLATES), atol=1e-6)
 
 
 @pytest.mark.parametrize("change", ["templates", "class list", "class order", "text weights"])
@@ -153,7 +153,7 @@ def test_ade847_x80_hit_under_a_second(tiny_clip, tmp_path):
     is benchmarked in benchmarks/text_encoding.py): the hit path reads the key, not the values.
     """
     model, tokenizer = tiny_clip
-    names, templates = load_class_names("ade847"), clip.prompt_templates("imagenet")
+    names, templates = load_class_names("ade847"), text.prompt_templates("imagenet")
     encoder = fresh_encoder(tmp_path)
     key = cache_key(model, tokenizer, names, templates, encoder.config)
     encoder.cache.save(key, torch.randn(len(names), len(templates), 64), [])

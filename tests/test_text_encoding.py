@@ -3,9 +3,9 @@ import open_clip
 import pytest
 import torch
 
-from catseg.modeling import clip
+from catseg.modeling import clip, text
 from catseg.modeling.clip_encoder import DenseCLIPEncoder
-from catseg.modeling.text_encoder import (class_text_embeddings, encode_texts, supports_eot_bounding,
+from catseg.modeling.text import (class_text_embeddings, encode_texts, supports_eot_bounding,
                                           truncated_names, warn_truncated)
 
 NAMES = [
@@ -60,8 +60,8 @@ def test_batches_are_truncated_and_sorted(tiny_clip):
 
 def test_class_embeddings_equal_reference(tiny_clip):
     model, tokenizer = tiny_clip
-    templates = clip.prompt_templates("imagenet_select")
-    reference = clip.class_embeddings(model, tokenizer, NAMES, templates)
+    templates = text.prompt_templates("imagenet_select")
+    reference = text.class_embeddings(model, tokenizer, NAMES, templates)
     ours = class_text_embeddings(model, tokenizer, NAMES, templates, batch_size=7)
     assert ours.shape == (len(NAMES), len(templates), 64)
     assert (ours - reference).abs().max().item() <= 1e-6
@@ -86,7 +86,7 @@ def test_fallback_without_causal_mask_or_eot_pooling(tiny_clip):
 
 def test_truncated_names_found_and_warned(tiny_clip):
     _, tokenizer = tiny_clip
-    templates = clip.prompt_templates("imagenet")
+    templates = text.prompt_templates("imagenet")
     long_name = NAMES[-1]
     near_limit = " ".join(["word"] * 70)  # fits alone, not inside "a photo of the large {}."
     assert truncated_names(tokenizer, NAMES[:-1], templates) == []

@@ -9,7 +9,7 @@ from PIL import Image
 
 from catseg.config import load_config
 from catseg.modeling.tta import CATSegWithTTA
-from catseg.predictor import OpenVocabPredictor
+from catseg.app.predictor import OpenVocabPredictor
 from helpers import CONFIGS
 from test_benchmarks import SMALL
 from train_helpers import import_train_net

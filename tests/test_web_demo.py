@@ -110,7 +110,7 @@ def clear_upload(driver):
 
 def test_model_choices_without_config(tmp_path, monkeypatch):
     """No --config-file: the quick-start model once `make demo` trained it, else random weights (banner)."""
-    from catseg import web_demo
+    from catseg.app import web as web_demo
 
     config, weights = tmp_path / "quickstart.yaml", tmp_path / "model_final.pth"
     monkeypatch.setattr(web_demo, "QUICKSTART", (config, weights))
@@ -129,7 +129,7 @@ def test_page_upload_vocabulary_overlay_legend_and_error(server, browser, tmp_pa
 
     browser.get(server)
     WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "run"))
-    from catseg.web_demo import QUICKSTART
+    from catseg.app.web import QUICKSTART
     banner = browser.find_elements(By.ID, "banner")
     assert bool(banner) == (not QUICKSTART[1].is_file())
     assert not banner or "Random weights" in banner[0].text

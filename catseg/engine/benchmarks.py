@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 from detectron2.utils import comm
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..config import load_config
 from ..data.class_names import load_class_names
 from ..data.datasets import DatasetNotFoundError

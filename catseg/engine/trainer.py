@@ -31,13 +31,13 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import CATSegCheckpointer
 from ..console import FILE_ONLY
 from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..evaluation import build_evaluator
-from ..modeling.backbone.pretrained import initial_backbone_source, resolve_pretrained
 from ..modeling.tta import CATSegWithTTA
+from ..weights.checkpointer import CATSegCheckpointer
+from ..weights.pretrained import initial_backbone_source, resolve_pretrained
 from .data_stream import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 

@@ -15,8 +15,7 @@ from . import clip
 from .aggregator import Aggregator
 from .chunking import ChunkBudget
 from .clip_encoder import DenseCLIPEncoder
-from .text_cache import CachedTextEncoder, text_tower_fingerprint
-from .text_encoder import class_text_embeddings
+from .text import CachedTextEncoder, prompt_templates, text_tower_fingerprint
 
 
 def build_clip_encoder(cfg) -> Tuple[DenseCLIPEncoder, object]:
@@ -45,10 +44,10 @@ def derived(name: str, configured, actual):
 class CATSegPredictor(nn.Module):
     """CLIP encoder + text embeddings + Aggregator.
 
-    Text embeddings: while training with a trainable text tower (CVPR'24), recomputed with
-    gradients on every call; otherwise computed once per class list and cached (in memory,
-    and on disk through `text_encoder`), keyed also by the text tower's weights when they can
-    change; loading new weights clears the cache.
+    Text embeddings come from `text_encoder` (catseg/modeling/text.py): while training with a
+    trainable text tower (CVPR'24), recomputed with gradients on every call; otherwise computed
+    once per class list and kept here in memory (the encoder keeps them on disk), keyed also by
+    the text tower's weights when they can change; loading new weights clears the cache.
     """
 
     def __init__(
@@ -60,8 +59,7 @@ class CATSegPredictor(nn.Module):
         train_class_names: Sequence[str],
         test_class_names: Sequence[str],
         aggregator: Aggregator,
-        text_encoder: Optional[CachedTextEncoder] = None,
-        synonyms: str = "average",
+        text_encoder: CachedTextEncoder,
     ):
         super().__init__()
         self.clip_model = clip_model
@@ -71,7 +69,6 @@ class CATSegPredictor(nn.Module):
         self.train_class_names = list(train_class_names)
         self.test_class_names = list(test_class_names)
         self.text_encoder = text_encoder
-        self.synonyms = synonyms
         self._text_cache: Dict[tuple, torch.Tensor] = {}
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self._text_cache.clear())
 
@@ -89,8 +86,7 @@ class CATSegPredictor(nn.Module):
         names = tuple(class_names if class_names is not None else self.class_names)
         trainable = self.clip_model.text_trainable
         if self.training and trainable and torch.is_grad_enabled():
-            return class_text_embeddings(self.clip_model, self.tokenizer, names, self.prompt_templates,
-                                         synonyms=self.synonyms)
+            return self.text_encoder.with_grad(self.clip_model, self.tokenizer, names, self.prompt_templates)
         device = self.transformer.conv1.weight.device
         key = (names, text_tower_fingerprint(self.clip_model)) if trainable else names
         cached = self._text_cache.get(key)
@@ -98,12 +94,7 @@ class CATSegPredictor(nn.Module):
             # Cached embeddings serve later fp32 passes and the disk cache: never computed under
             # the bfloat16 autocast of SOLVER.AMP.ENABLED training.
             with torch.autocast(device.type, enabled=False):
-                if self.text_encoder is not None:
-                    cached = self.text_encoder(self.clip_model, self.tokenizer, names, self.prompt_templates)
-                else:
-                    with torch.no_grad():
-                        cached = class_text_embeddings(self.clip_model, self.tokenizer, names,
-                                                       self.prompt_templates, synonyms=self.synonyms)
+                cached = self.text_encoder(self.clip_model, self.tokenizer, names, self.prompt_templates)
             cached = cached.to(device)
             if trainable:  # entries of older weights are stale
                 self._text_cache.clear()
@@ -136,7 +127,7 @@ class CATSegHead(nn.Module):
         CLIP embedding size, APPEARANCE_GUIDANCE_DIM / DECODER_GUIDANCE_DIMS = the guidance
         source's channels (deepest first)."""
         head = cfg.MODEL.SEM_SEG_HEAD
-        templates = clip.prompt_templates(head.PROMPT_ENSEMBLE_TYPE)
+        templates = prompt_templates(head.PROMPT_ENSEMBLE_TYPE)
         grid = derived("FEATURE_RESOLUTION", list(head.FEATURE_RESOLUTION), list(clip_encoder.grid(clip_resolution)))
         aggregator = Aggregator(
             text_guidance_dim=derived("TEXT_GUIDANCE_DIM", head.TEXT_GUIDANCE_DIM, clip_encoder.embed_dim),
@@ -169,7 +160,6 @@ class CATSegHead(nn.Module):
             test_class_names=load_class_names(head.TEST_CLASS_JSON),
             aggregator=aggregator,
             text_encoder=CachedTextEncoder.from_config(cfg),
-            synonyms=head.TEXT_SYNONYMS,
         )
         return {"ignore_value": head.IGNORE_VALUE, "predictor": predictor}
 

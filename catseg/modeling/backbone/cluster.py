@@ -63,7 +63,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from ...padding import pad_to_multiple
-from .loading import load_backbone_checkpoint
+from ...weights.backbone import load_backbone_checkpoint
 from .padded import PaddedBackbone, crop_to_input
 
 try:

@@ -23,7 +23,7 @@ from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY
 from timm.models.twins import Twins
 
-from .loading import load_backbone_checkpoint
+from ...weights.backbone import load_backbone_checkpoint
 from .padded import PaddedBackbone
 
 _NAMES = ("res2", "res3", "res4", "res5")

@@ -34,7 +34,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .loading import load_backbone_checkpoint
+from ...weights.backbone import load_backbone_checkpoint
 from .padded import PaddedBackbone
 
 # Output name -> scale relative to the ViT's patch stride (log2).

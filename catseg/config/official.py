@@ -10,11 +10,12 @@ official place wins) and clears it, so that the rest of catseg reads one key onl
     MODEL.CLIP_PIXEL_STD       MODEL.SEM_SEG_HEAD.CLIP_PIXEL_STD
 
 An official CVPR'24 file (`is_official_cvpr24`) describes a model whose differences from
-v1 the official code hard-codes; `apply_cvpr24_release` sets them as catseg keys
-(`CVPR24_RELEASE`, and CLIP_FINETUNE in this release's meaning, `CVPR24_FINETUNE`).
+v1 the official code hard-codes: the loader gives it MODEL.RELEASE "cvpr24" (the preset in
+keys.py), and `map_official_cvpr24` reads its CLIP_FINETUNE in this release's meaning
+(`CVPR24_FINETUNE`).
 
 Official keys that change nothing (declared but never read by the official code) are accepted
-in catseg/config.py's "recipes" block. Official class-list paths ("datasets/coco.json") resolve
+in catseg/config/keys.py's "recipes" block. Official class-list paths ("datasets/coco.json") resolve
 to the shipped lists (catseg/data/class_names.py).
 """
 from typing import Optional
@@ -23,19 +24,13 @@ from typing import Optional
 MAPPED_KEYS = {"PROMPT_ENSEMBLE_TYPE": "PROMPT_ENSEMBLE_TYPE", "CLIP_PIXEL_MEAN": "CLIP_PIXEL_MEAN",
                "CLIP_PIXEL_STD": "CLIP_PIXEL_STD"}
 
-
-# What the official CVPR'24 code hard-codes, as catseg keys under MODEL.SEM_SEG_HEAD.
-CVPR24_RELEASE = {"GUIDANCE_SOURCE": "clip", "CLIP_DENSE_BLOCK": "cvpr24", "CLIP_ATTN_WEIGHTS": "split",
-                  "TEXT_SYNONYMS": "first", "CLASS_PAD_LENGTH": 256}
 # CLIP_FINETUNE of an official CVPR'24 file -> catseg's name of the same rule.
 CVPR24_FINETUNE = {"attention": "qv", "full": "blocks"}
 
 
-def apply_cvpr24_release(cfg) -> None:
-    """Make `cfg`, loaded from an official CVPR'24 file, build the CVPR'24 model (in place)."""
+def map_official_cvpr24(cfg) -> None:
+    """CLIP_FINETUNE of `cfg`, merged from an official CVPR'24 file, in catseg's names (in place)."""
     head = cfg.MODEL.SEM_SEG_HEAD
-    for key, value in CVPR24_RELEASE.items():
-        head[key] = value
     head.CLIP_FINETUNE = CVPR24_FINETUNE.get(head.CLIP_FINETUNE, head.CLIP_FINETUNE)
 
 
@@ -62,10 +57,3 @@ def is_official_cvpr24(loaded: dict) -> bool:
     effective MODEL.PROMPT_ENSEMBLE_TYPE (at the official place) is "single". v1 files name a
     backbone; catseg's own files set the template type under MODEL.SEM_SEG_HEAD."""
     return _lookup(loaded, "MODEL.BACKBONE.NAME") is None and _lookup(loaded, "MODEL.PROMPT_ENSEMBLE_TYPE") == "single"
-
-
-def is_official_cvpr24_file(path: str) -> bool:
-    """`is_official_cvpr24` of a config file, read as catseg's loader reads it."""
-    from .config import read_config_file  # config.py imports this module
-
-    return is_official_cvpr24(read_config_file(path))

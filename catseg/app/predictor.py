@@ -1,6 +1,6 @@
 """OpenVocabPredictor: image(s) + your class names -> segmentation, for scripts and the demo.
 
-    from catseg.predictor import OpenVocabPredictor
+    from catseg import OpenVocabPredictor
     predictor = OpenVocabPredictor("configs/vitl_swinb_384.yaml", weights="model_final.pth")
     result = predictor.predict("photo.jpg", ["cat, kitten", "sofa", "floor"])
     result.labels        # (h, w) int64 class ids into result.classes
@@ -11,7 +11,7 @@ Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see cat
 A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
 Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW, test-time augmentation
 cfg.TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP); the device follows cfg.MODEL.DEVICE ("cuda"
-without a GPU: the CPU, see catseg.config.resolve_device); everything runs under
+without a GPU: the CPU, see catseg.config.loader.resolve_device); everything runs under
 torch.inference_mode.
 
 Start-up problems raise catseg.errors.CatsegError subclasses with a one-line message: ConfigError
@@ -33,13 +33,13 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from .checkpoint import CATSegCheckpointer
-from .config import load_config
-from .data.dataset_classes import resolve_class_lists
-from .data.datasets import register_from_config
-from .errors import ConfigError
-from .image_io import ImageInput, load_image
-from .modeling.tta import CATSegWithTTA
+from ..config import load_config
+from ..data.dataset_classes import resolve_class_lists
+from ..data.datasets import register_from_config
+from ..errors import ConfigError
+from ..image_io import ImageInput, load_image
+from ..modeling.tta import CATSegWithTTA
+from ..weights.checkpointer import CATSegCheckpointer
 from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
@@ -82,7 +82,7 @@ class OpenVocabPredictor:
         opts: KEY VALUE config overrides.
         batch_size: images per network pass.
         max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
-        refine: "sam" for SAM-refined labels (catseg.sam_refine; SAM from cfg.MODEL.SAM), "" for none.
+        refine: "sam" for SAM-refined labels (catseg.app.sam_refine; SAM from cfg.MODEL.SAM), "" for none.
             `predictor.refiner` may also be set to any Segmentation -> Segmentation callable.
     """
 
@@ -117,7 +117,7 @@ class OpenVocabPredictor:
         return list(self.head.test_class_names)
 
     def set_vocabulary(self, vocabulary: Sequence[str]) -> List[str]:
-        """Clean `vocabulary` (see catseg.vocabulary.clean_vocabulary), make it current and
+        """Clean `vocabulary` (see catseg.app.vocabulary.clean_vocabulary), make it current and
         compute its text embeddings (disk-cached); returns the class list used."""
         classes = clean_vocabulary(vocabulary)
         self.head.set_test_classes(classes)

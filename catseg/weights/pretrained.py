@@ -8,14 +8,14 @@ Sources:
   cached in torch hub's checkpoints folder (~/.cache/torch/hub/checkpoints, $TORCH_HOME);
 - anything else: a local file (any layout MODEL.WEIGHTS accepts).
 The file is loaded through the checkpointer, which converts it to the backbone's key names
-(catseg/modeling/backbone/convert.py). Without network, `resolve_pretrained` raises a one-line
+(catseg/weights/convert.py). Without network, `resolve_pretrained` raises a one-line
 `PretrainedWeightsError` saying which file to download and where to put it.
 """
 import os
 import socket
 from typing import Tuple
 
-from ...errors import WeightsError
+from ..errors import WeightsError
 
 # Official CAT-Seg backbone files (MODEL.WEIGHTS of the official configs) -> the same ImageNet
 # weights as a source here.

@@ -7,47 +7,15 @@ wrapper's prefix such as ``vit.``), or be a whole-model checkpoint whose keys st
 Tensors whose shape differs from the model's are left out and reported, never loaded.
 """
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .files import read_checkpoint, state_dict_of
+from .report import CheckpointMismatchError, LoadReport
+
 logger = logging.getLogger(__name__)
-
-# Containers a training script may wrap the weights in (checked in this order).
-_WRAPPERS = ("state_dict", "model", "module")
-
-
-@dataclass
-class LoadReport:
-    """What happened when a checkpoint was loaded: key lists, one per outcome."""
-
-    loaded: List[str] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
-    shape_mismatch: List[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors"]
-        for name in ("missing", "unexpected", "shape_mismatch"):
-            keys = getattr(self, name)
-            if keys:
-                lines.append(f"{name} ({len(keys)}): " + ", ".join(sorted(keys)))
-        return "\n".join(lines)
-
-
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file, unwrapped."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in _WRAPPERS:
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def match_keys(
@@ -78,10 +46,10 @@ def load_backbone_checkpoint(
             tried for keys that are not native.
         filter_fn: converts library-layout tensors to the model's (e.g. timm's position-embedding
             resampling), applied to the renamed state dict.
-        strict: raise ``RuntimeError`` when anything is missing, unexpected or mis-shaped.
+        strict: raise ``CheckpointMismatchError`` when anything is missing, unexpected or mis-shaped.
     """
     own = model.state_dict()
-    state = match_keys(read_state_dict(path), list(own), prefixes)
+    state = match_keys(state_dict_of(read_checkpoint(path)), list(own), prefixes)
     if filter_fn is not None:
         state = filter_fn(state)
     report = LoadReport()
@@ -98,5 +66,5 @@ def load_backbone_checkpoint(
     report.missing = sorted(set(own) - set(usable))
     logger.info("%s <- %s\n%s", type(model).__name__, path, report)
     if strict and (report.missing or report.unexpected or report.shape_mismatch):
-        raise RuntimeError(f"checkpoint {path} does not fit {type(model).__name__}:\n{report}")
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit {type(model).__name__}:\n{report}")
     return report

@@ -2,154 +2,28 @@
 
 Official CAT-Seg key names are kept so that official config files load unchanged; keys
 that the official code hard-codes (sliding-window geometry, CLIP and backbone input sizes)
-are new keys whose defaults are the official values.
+are new keys whose defaults are the official values. `RELEASES` holds the keys that make a
+model one CAT-Seg release or the other (MODEL.RELEASE; see `apply_release`).
 """
-import difflib
-import logging
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Union
-
-import torch
-import yaml
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
-from .errors import ConfigError
-from .official_config import apply_cvpr24_release, apply_official_keys, is_official_cvpr24
-
-logger = logging.getLogger(__name__)
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs (in the package)
-BASE_KEY = "_BASE_"
-
-
-def load_config(config: Union[str, CN], opts: Sequence[str] = ()) -> CN:
-    """A catseg config from a YAML path (or a copy of a CfgNode), with KEY VALUE overrides.
-
-    Raises ConfigError (one line) for a missing or invalid file, an unknown key (with the
-    closest existing keys), a value of the wrong type or an odd override list. A relative
-    `_BASE_` is looked up beside the file, then among the shipped configs (so a copied config
-    works from any folder). MODEL.DEVICE "cuda" without CUDA becomes "cpu" (see `resolve_device`).
-    """
-    if isinstance(config, CN):
-        cfg = config.clone()
-        cfg.defrost()
-    else:
-        cfg = get_cfg()
-        add_catseg_config(cfg)
-        loaded = read_config_file(config)
-        check_keys(cfg, flatten_keys(loaded), f"config file {config}")
-        _merge(lambda: cfg.merge_from_other_cfg(type(cfg)(loaded)), f"config file {config}")
-        if is_official_cvpr24(loaded):
-            apply_cvpr24_release(cfg)
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ConfigError(f"config overrides take KEY VALUE pairs; got an odd number: {' '.join(opts)}")
-    check_keys(cfg, opts[0::2], "override")
-    _merge(lambda: cfg.merge_from_list(opts), "override")
-    apply_official_keys(cfg)
-    resolve_device(cfg)
-    return cfg
+# MODEL.RELEASE -> the keys under MODEL.SEM_SEG_HEAD that make the model that CAT-Seg release
+# (what the official code of each release hard-codes). A config file or override that sets one
+# of these keys wins over the preset.
+RELEASES = {
+    "v1": {"GUIDANCE_SOURCE": "backbone", "CLIP_DENSE_BLOCK": "v1", "CLIP_ATTN_WEIGHTS": "packed",
+           "TEXT_SYNONYMS": "average", "CLASS_PAD_LENGTH": 0},
+    "cvpr24": {"GUIDANCE_SOURCE": "clip", "CLIP_DENSE_BLOCK": "cvpr24", "CLIP_ATTN_WEIGHTS": "split",
+               "TEXT_SYNONYMS": "first", "CLASS_PAD_LENGTH": 256},
+}
 
 
-def _merge(merge, source: str) -> None:
-    """Run a yacs merge, turning its errors (wrong value types, ...) into one ConfigError line."""
-    try:
-        merge()
-    except (KeyError, ValueError, AssertionError, SyntaxError) as e:
-        raise ConfigError(f"{source}: {e.args[0] if e.args else type(e).__name__}") from None
-
-
-def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
-    """The YAML mapping of `path`, merged over its `_BASE_` chain (see `resolve_base`)."""
-    if not str(path):
-        raise ConfigError("no config file given: pass --config-file, e.g. configs/quickstart.yaml "
-                          f"(the shipped configs are in {CONFIG_DIR})")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} is not a YAML mapping of config keys")
-    bases = loaded.pop(BASE_KEY, [])
-    merged: Dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        _merge_dicts(read_config_file(resolve_base(path, base)), merged)
-    _merge_dicts(loaded, merged)
-    return merged
-
-
-def resolve_base(config_file: Path, base: str) -> Path:
-    """Path of `config_file`'s `_BASE_` entry `base`: absolute as given; a relative one beside
-    the file, else the shipped config of that path or file name (configs/)."""
-    base_path = Path(base).expanduser()
-    if base_path.is_absolute():
-        candidates = [base_path]
-    else:
-        candidates = [config_file.parent / base_path, CONFIG_DIR / base_path, CONFIG_DIR / base_path.name]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"config file {config_file}: _BASE_ {base} not found (looked in "
-                      f"{', '.join(str(c) for c in dict.fromkeys(candidates))})")
-
-
-def _merge_dicts(a: Dict[str, Any], b: Dict[str, Any]) -> None:
-    """Merge mapping `a` into `b` in place (values of `a` win; nested mappings merge)."""
-    for key, value in a.items():
-        if isinstance(value, dict) and isinstance(b.get(key), dict):
-            _merge_dicts(value, b[key])
-        else:
-            b[key] = value
-
-
-def flatten_keys(mapping: Dict[str, Any], prefix: str = "") -> List[str]:
-    """Dotted keys of the leaves of a nested mapping: {"A": {"B": 1}} -> ["A.B"]."""
-    keys = []
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            keys += flatten_keys(value, f"{prefix}{key}.")
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def _accepts(cfg: CN, key: str) -> bool:
-    """True when `key` exists in `cfg` or falls under a node that allows new keys."""
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, CN):
-            return False
-        if part not in node:
-            return node.is_new_allowed()
-        node = node[part]
-    return True
-
-
-def check_keys(cfg: CN, keys: Iterable[str], source: str) -> None:
-    """ConfigError for the first key `cfg` does not have, naming the closest existing keys."""
-    for key in keys:
-        if not _accepts(cfg, key):
-            close = difflib.get_close_matches(key, flatten_keys(cfg), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"{source}: unknown config key {key}{hint}")
-
-
-def resolve_device(cfg: CN) -> None:
-    """MODEL.DEVICE "cuda..." without CUDA -> "cpu" (in place); logs one line naming the device."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        was_frozen, model = cfg.is_frozen(), cfg.MODEL
-        cfg.defrost()
-        model.DEVICE = "cpu"
-        if was_frozen:
-            cfg.freeze()
-        logger.info("device: cpu (CUDA is not available)")
-    else:
-        logger.info(f"device: {cfg.MODEL.DEVICE}")
+def apply_release(cfg, release: str) -> None:
+    """Set MODEL.RELEASE and its preset keys (`RELEASES`) in `cfg` (in place, not frozen)."""
+    cfg.MODEL.RELEASE = release
+    for key, value in RELEASES[release].items():
+        cfg.MODEL.SEM_SEG_HEAD[key] = value
 
 
 def add_catseg_config(cfg):
@@ -173,6 +47,7 @@ def add_catseg_config(cfg):
     cfg.SOLVER.AMP.ENABLED = False  # approximate: train under bfloat16 autocast, CPU or GPU, no GradScaler
 
     # ---------------------------------------------------------------- meta-architecture
+    cfg.MODEL.RELEASE = "v1"  # CAT-Seg release, "v1" or "cvpr24": presets the keys of RELEASES (each overridable)
     cfg.MODEL.MASK_FORMER = CN()
     cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32  # inference: pad each image to a multiple of this
     cfg.MODEL.BACKBONE_RESOLUTION = (384, 384)  # (h, w) the guidance backbone sees (official: 384x384)
@@ -255,7 +130,7 @@ def add_catseg_config(cfg):
     head.PROMPT_ENSEMBLE_TYPE = "imagenet"  # text templates: "imagenet" (80), "imagenet_select" (8), "single", "name"
     head.TEXT_SYNONYMS = "average"  # "sky, heaven": "average" the synonyms' embeddings (v1) or use the "first" (CVPR'24)
     head.TEXT_CACHE_DIR = ""  # on-disk text-embedding cache ("" : $CATSEG_CACHE or ~/.cache/catseg)
-    head.TEXT_CACHE = True  # keep text embeddings on disk under TEXT_CACHE_DIR (catseg/modeling/text_cache.py)
+    head.TEXT_CACHE = True  # keep text embeddings on disk under TEXT_CACHE_DIR (catseg/modeling/text.py)
     head.TEXT_GUIDANCE_DIM = 0  # CLIP embedding size (text guidance input; 0: derived, else must match)
     head.TEXT_GUIDANCE_PROJ_DIM = 128  # projected text guidance size
     head.APPEARANCE_GUIDANCE_DIM = 0  # channels of the deepest guidance map (0: derived, else must match)
@@ -278,7 +153,7 @@ def add_catseg_config(cfg):
     head.CLASS_PAD_LENGTH = 0  # CVPR'24 (256): pad the class attention to this many classes, keep the best this many above it
     head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB (cache- and allocator-friendly; 0: off)
 
-    # ---------------------------------------------------------------- SAM-refined mode (front door; catseg/sam_refine.py)
+    # ---------------------------------------------------------------- SAM-refined mode (front door; catseg/app/sam_refine.py)
     cfg.MODEL.SAM = CN()
     cfg.MODEL.SAM.WEIGHTS = ""  # local Segment Anything checkpoint for the SAM-refined mode (--refine sam)
     cfg.MODEL.SAM.TYPE = "vit_h"  # its architecture: "vit_h", "vit_l" or "vit_b" (segment-anything's registry)
@@ -295,7 +170,7 @@ def add_catseg_config(cfg):
 
     # ---------------------------------------------------------------- recipes: official keys, backbone init, TTA
     # Keys of the official CAT-Seg code at their official place, so that official files load
-    # unchanged (catseg/official_config.py). A mapped key, when set, is copied by load_config to
+    # unchanged (catseg/config/official.py). A mapped key, when set, is copied by load_config to
     # catseg's key and wins over it; the accepted keys change nothing in the official code either.
     cfg.MODEL.PROMPT_ENSEMBLE_TYPE = ""  # official place of SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE ("": use that one)
     cfg.MODEL.CLIP_PIXEL_MEAN = []  # official place of SEM_SEG_HEAD.CLIP_PIXEL_MEAN ([]: use that one)
@@ -304,5 +179,5 @@ def add_catseg_config(cfg):
     cfg.DATASETS.VAL_ALL = ()  # accepted only: declared but read by no official code path
     head.TRAIN_CLASS_INDEXES = ""  # accepted only: official zero-shot split file, read by no official code path
     head.TEST_CLASS_INDEXES = ""  # accepted only: official zero-shot split file, read by no official code path
-    # Guidance-backbone initialisation for training from scratch (catseg/modeling/backbone/pretrained.py).
+    # Guidance-backbone initialisation for training from scratch (catseg/weights/pretrained.py).
     cfg.MODEL.BACKBONE.PRETRAINED = ""  # "timm:ARCH.TAG", "torchvision:ARCH.WEIGHTS" or a local file; used when MODEL.WEIGHTS is "" and nothing is resumed

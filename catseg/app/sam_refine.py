@@ -15,7 +15,7 @@ from typing import Callable, List, Sequence
 import numpy as np
 import torch
 
-from .errors import CatsegError, ConfigError, WeightsError
+from ..errors import CatsegError, ConfigError, WeightsError
 
 MaskGenerator = Callable[[np.ndarray], List[dict]]  # (h, w, 3) uint8 RGB -> [{"segmentation": (h, w) bool}, ...]
 

@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .palette import class_colors
+from ..palette import class_colors
 
 Box = Tuple[int, int, int, int]
 

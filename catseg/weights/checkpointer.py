@@ -11,7 +11,7 @@ missing key, unexpected key and shape mismatch is reported together in one reada
 
 A checkpoint without a CAT-Seg head is a guidance-backbone initialisation (ImageNet weights:
 the official detectron2 `.pkl` files, timm or torchvision checkpoints, `.safetensors` too): it
-is converted to the backbone's key names (catseg/modeling/backbone/convert.py) and the report
+is converted to the backbone's key names (catseg/weights/convert.py) and the report
 covers the backbone only (the head and CLIP keep their initialisation): tensors loaded, backbone
 keys missing, the ImageNet network's parts the backbone does not build (classifier, later
 stages: listed, not an error), any other checkpoint key (unexpected).
@@ -19,20 +19,17 @@ A missing or unreadable (corrupt, truncated, not a checkpoint) file raises
 `catseg.errors.WeightsError` naming the file.
 """
 import os
-import tempfile
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from fvcore.common.checkpoint import _filter_reused_missing_keys, _group_checkpoint_keys, _group_to_str
+from fvcore.common.checkpoint import _filter_reused_missing_keys
 
-from .errors import WeightsError
-from .modeling.backbone.convert import (convert_backbone_state, expected_keys, is_backbone_only, layout_name,
-                                        wrapper_keys)
-
-
-class CheckpointMismatchError(WeightsError, RuntimeError):
-    """The checkpoint's keys or shapes do not match the model (MODEL.CHECKPOINT_STRICT)."""
+from ..atomic import atomic_write
+from ..errors import WeightsError
+from .convert import convert_backbone_state, expected_keys, is_backbone_only, layout_name, wrapper_keys
+from .files import read_checkpoint
+from .report import CheckpointMismatchError, format_mismatch_report, group_keys
 
 
 class CheckpointReleaseError(CheckpointMismatchError):
@@ -65,53 +62,6 @@ def check_release(source: str, checkpoint_keys: Iterable[str], model_keys: Itera
         raise CheckpointReleaseError(
             f"{source} is a CAT-Seg {theirs} checkpoint ({prefix}* keys) but the config builds a CAT-Seg {ours} "
             f"model ({RELEASES[ours][0]}* keys): use {RELEASES[theirs][1]}")
-
-
-def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
-    """Call `write_fn(file)` on a temporary file next to `path`, then rename it to `path`.
-
-    On any exception the temporary file is removed and `path` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _group_keys(keys: Iterable[str], limit: int) -> List[str]:
-    """Keys grouped by parent module (fvcore's grouping): "a.b.{bias, weight}"; at most `limit` lines."""
-    lines = [head + _group_to_str(leaves) for head, leaves in _group_checkpoint_keys(sorted(keys)).items()]
-    if len(lines) > limit:
-        lines = lines[:limit] + [f"... and {len(lines) - limit} more modules"]
-    return lines
-
-
-def format_mismatch_report(source: str, missing: Sequence[str], unexpected: Sequence[str],
-                           wrong_shapes: Sequence[Tuple[str, tuple, tuple]], limit: int = 20) -> str:
-    """One readable summary of how a checkpoint's state_dict differs from the model's ("" if none)."""
-    if not (missing or unexpected or wrong_shapes):
-        return ""
-    lines = [f"checkpoint {source} does not match the model: {len(missing)} missing, "
-             f"{len(unexpected)} unexpected, {len(wrong_shapes)} wrong-shape keys"]
-    if missing:
-        lines.append("  missing (in the model, not in the checkpoint; left as initialised):")
-        lines += [f"    {line}" for line in _group_keys(missing, limit)]
-    if unexpected:
-        lines.append("  unexpected (in the checkpoint, not in the model; ignored):")
-        lines += [f"    {line}" for line in _group_keys(unexpected, limit)]
-    if wrong_shapes:
-        lines.append("  wrong shape (checkpoint vs model; not loaded):")
-        lines += [f"    {k}: {tuple(c)} vs {tuple(m)}" for k, c, m in wrong_shapes[:limit]]
-    lines.append("  (set MODEL.CHECKPOINT_STRICT True to make this an error)")
-    return "\n".join(lines)
 
 
 class CATSegCheckpointer(DetectionCheckpointer):
@@ -147,15 +97,7 @@ class CATSegCheckpointer(DetectionCheckpointer):
         return super().load(path, checkpointables)
 
     def _load_file(self, filename: str):
-        if filename.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return {"model": load_file(filename)}
-        try:
-            return super()._load_file(filename)
-        except Exception as e:  # whatever torch.load / pickle raise on a file that is no checkpoint
-            raise WeightsError(f"weights file {filename} is not a readable checkpoint: corrupt, truncated "
-                               f"or another format (torch.load: {type(e).__name__})") from e
+        return read_checkpoint(filename)
 
     def _load_model(self, checkpoint):
         """A backbone-only checkpoint is renamed to `backbone.*` keys first (Caffe2 files keep
@@ -186,10 +128,10 @@ class CATSegCheckpointer(DetectionCheckpointer):
                      f"{loaded} of {len(expected)} backbone tensors loaded"]
             fresh = wrapper_keys(self.model.backbone)
             if fresh:
-                lines.append(f"  kept at initialisation (in no ImageNet checkpoint): {', '.join(_group_keys(fresh, 5))}")
+                lines.append(f"  kept at initialisation (in no ImageNet checkpoint): {', '.join(group_keys(fresh, 5))}")
             if surplus:
                 lines.append(f"  not used (classifier, stages after the last output): {len(surplus)} tensors: "
-                             f"{', '.join(_group_keys(surplus, 3))}")
+                             f"{', '.join(group_keys(surplus, 3))}")
             self.logger.info("\n".join(lines))
         report = format_mismatch_report(self._source, missing, unexpected, incompatible.incorrect_shapes)
         if not report:

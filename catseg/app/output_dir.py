@@ -3,7 +3,7 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-from .errors import OutputError
+from ..errors import OutputError
 
 
 def make_output_dir(path: Union[str, Path]) -> Path:

@@ -10,7 +10,7 @@ Layouts recognised, per backbone:
   and torchvision's ResNet (`conv1`/`bn1` -> `stem.conv1`/`stem.conv1.norm`, `layer{i}` ->
   `res{i+1}`, `bn{k}` -> `conv{k}.norm`, `downsample.{0,1}` -> `shortcut`/`shortcut.norm`).
 - wrapped timm networks (D2ViT, D2Twins, D2ClusterBackbone): the library's own keys, matched
-  under the wrapper's prefix (catseg/modeling/backbone/loading.py).
+  under the wrapper's prefix (catseg/weights/backbone.py).
 Keys of parts an ImageNet network has and the backbone does not build (the classifier, stages
 after the last of OUT_FEATURES) are returned apart as surplus; any other key the backbone does
 not have is unexpected and goes into the checkpointer's mismatch report.
@@ -23,13 +23,17 @@ import torch
 from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 
-from .loading import match_keys
-from .swin import D2SwinTransformer
+from .backbone import match_keys
 
 # Buffers the backbone computes from its own hyper-parameters: never expected in a checkpoint.
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 # Prefix under which a wrapper keeps its library network (timm's key layout without it).
 LIBRARY_PREFIXES = {"D2ViT": "vit.", "D2Twins": "twins.", "D2ClusterBackbone": "cluster."}
+
+
+def is_swin(backbone: nn.Module) -> bool:
+    """True for catseg's D2SwinTransformer (told by name: weights/ does not import the architectures)."""
+    return type(backbone).__name__ == "D2SwinTransformer"
 
 
 def is_backbone_only(state: Dict[str, object]) -> bool:
@@ -78,7 +82,7 @@ def resnet_from_torchvision(state: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 
 def layout_name(backbone: nn.Module, state: Dict[str, object]) -> str:
     """Human-readable name of the checkpoint layout, for the load report."""
-    if isinstance(backbone, D2SwinTransformer):
+    if is_swin(backbone):
         return "timm Swin" if is_timm_swin(state) else "detectron2 / original Swin"
     if isinstance(backbone, ResNet):
         return "torchvision ResNet" if is_torchvision_resnet(state) else "detectron2 ResNet"
@@ -89,7 +93,7 @@ def to_backbone_keys(backbone: nn.Module, state: Dict[str, object]) -> Dict[str,
     """Checkpoint tensors renamed to `backbone`'s keys where the layout is known (others keep their name)."""
     state = {(k[len("backbone."):] if k.startswith("backbone.") else k):
              (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
-    if isinstance(backbone, D2SwinTransformer) and is_timm_swin(state):
+    if is_swin(backbone) and is_timm_swin(state):
         return swin_from_timm(state)
     if isinstance(backbone, ResNet) and is_torchvision_resnet(state):
         return resnet_from_torchvision(state)
@@ -100,7 +104,7 @@ def to_backbone_keys(backbone: nn.Module, state: Dict[str, object]) -> Dict[str,
 def is_surplus(backbone: nn.Module, key: str) -> bool:
     """True for a checkpoint key of a part an ImageNet network has and this backbone does not
     build: the classifier (and Swin's final norm), stages after the last output."""
-    if isinstance(backbone, D2SwinTransformer):
+    if is_swin(backbone):
         built = len(backbone.layers)
         m = re.match(r"layers\.(\d+)\.", key)
         return (key.startswith(("head.", "norm.")) or (m is not None and int(m.group(1)) >= built)
@@ -129,7 +133,7 @@ def convert_backbone_state(backbone: nn.Module, state: Dict[str, object]
 def wrapper_keys(backbone: nn.Module) -> List[str]:
     """Backbone keys no ImageNet checkpoint has: D2SwinTransformer's output norms `norm{i}`
     (detectron2 adds them; they start as the identity affine map, weight 1 and bias 0)."""
-    if not isinstance(backbone, D2SwinTransformer):
+    if not is_swin(backbone):
         return []
     return [k for k in backbone.state_dict() if re.match(r"norm\d+\.", k)]
 

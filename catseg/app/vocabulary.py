@@ -8,7 +8,7 @@ import warnings
 from collections import Counter
 from typing import List, Sequence
 
-from .data.class_names import SYNONYM_SEPARATOR, load_class_names
+from ..data.class_names import SYNONYM_SEPARATOR, load_class_names
 
 
 class EmptyVocabularyError(ValueError):

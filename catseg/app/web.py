@@ -5,14 +5,14 @@
 Upload an image, type a vocabulary ("cat, kitten; sofa; floor", the CLI's syntax) or pick a
 shipped benchmark vocabulary, pick a model, run. The page shows the overlay with its legend, the
 share of pixels of each class present, and offers the label PNG and the JSON of the CLI's
-schema (catseg/demo_cli.py) as downloads. Bad inputs (not an image, empty vocabulary, too many
+schema (catseg/app/outputs.py) as downloads. Bad inputs (not an image, empty vocabulary, too many
 pixels) give a message in the page; the server keeps serving.
 
 Models: each --config-file (repeatable; --weights gives each its checkpoint, in order). None
 given: the quick-start model when `make demo` has trained it (output/quickstart/model_final.pth),
 else configs/tiny.yaml with random weights, behind a banner. One predictor per model is kept in
 memory; text embeddings come from the disk cache. "Refine with Segment Anything" labels SAM's
-automatic masks with CAT-Seg (catseg/sam_refine.py; SAM weights from --sam-weights).
+automatic masks with CAT-Seg (catseg/app/sam_refine.py; SAM weights from --sam-weights).
 """
 import argparse
 import sys
@@ -21,17 +21,18 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .console import setup_cli_logging
-from .data.class_names import load_class_names, shipped_class_lists
-from .demo_cli import write_outputs
-from .errors import CatsegError, report_errors
-from .image_io import ImageReadError
+from ..config import shipped_config
+from ..console import setup_cli_logging
+from ..data.class_names import load_class_names, shipped_class_lists
+from ..errors import CatsegError, report_errors
+from ..image_io import ImageReadError
+from .outputs import write_outputs
 from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, clean_vocabulary, parse_vocabulary
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = (REPO / "configs" / "quickstart.yaml", REPO / "output" / "quickstart" / "model_final.pth")
-TINY = REPO / "configs" / "tiny.yaml"
+# `make demo` trains the quick-start model into output/quickstart/ of the folder it runs in.
+QUICKSTART = ("quickstart.yaml", Path("output") / "quickstart" / "model_final.pth")
+TINY = "tiny.yaml"
 RANDOM_BANNER = ("**Random weights**: no model was given and the quick-start model is not trained "
                  "(`make demo`). The masks are meaningless; start with `--config-file ... --weights ...`.")
 
@@ -54,8 +55,8 @@ def model_choices(configs: Sequence[str], weights: Sequence[str]) -> Tuple[Dict[
         padded = list(weights) + [""] * (len(configs) - len(weights))
         return {f"{Path(c).stem}" + (f" ({Path(w).name})" if w else ""): (c, w) for c, w in zip(configs, padded)}, False
     if QUICKSTART[1].is_file():
-        return {"quick-start (trained by make demo)": (str(QUICKSTART[0]), str(QUICKSTART[1]))}, False
-    return {"tiny (random weights)": (str(TINY), "")}, True
+        return {"quick-start (trained by make demo)": (str(shipped_config(QUICKSTART[0])), str(QUICKSTART[1]))}, False
+    return {"tiny (random weights)": (str(shipped_config(TINY)), "")}, True
 
 
 class WebDemo:

@@ -10,24 +10,9 @@ labels Segment Anything's automatic masks with CAT-Seg (catseg/sam_refine.py; SA
 (.json list or .txt with one class per line) or --dataset-vocab (a shipped list: ade150,
 ade847, coco, pc59, pc459, voc20, voc20b); none: the config's TEST_CLASS_JSON.
 
-For an input `photo.jpg` it writes into --output:
-  photo_overlay.png  the labels blended over the image, legend of the classes present
-  photo_labels.png   the label map: class ids (uint8; uint16 when there are more than 255 classes)
-  photo.json         the JSON below
-Two inputs with the same stem get `photo_2...` and so on.
-
-JSON schema ("catseg-demo/1"):
-  schema        "catseg-demo/1"
-  input         the input path as given/found
-  image_size    [H, W] of the input (after EXIF rotation)
-  output_size   [h, w] of the label map and overlay (smaller than image_size only when the
-                input's longer side exceeds TEST.MAX_INPUT_SIDE)
-  classes       [{"id": int, "name": str, "pixel_share": float}] every class of the vocabulary,
-                id = value in the label map, share = fraction of label-map pixels (sums to 1)
-  present       ids of the classes with pixel_share > 0, largest share first (= the legend)
-  label_map     file name of the label-map PNG;  label_dtype  "uint8" or "uint16"
-  overlay       file name of the overlay PNG
-  config        the config file;  weights  the checkpoint ("" for random / built weights)
+For an input `photo.jpg` it writes `photo_overlay.png`, `photo_labels.png` and `photo.json`
+into --output (files and JSON schema: catseg/app/outputs.py). Two inputs with the same stem get
+`photo_2...` and so on.
 
 Prints a one-line summary per image and a progress bar. A file that cannot be read is reported
 and skipped. Exit code: 0 when every input was processed, 1 when any failed (or an input
@@ -37,27 +22,24 @@ traceback (`--debug` or CATSEG_DEBUG=1 shows it).
 """
 import argparse
 import glob
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from .console import setup_cli_logging, silence_dependency_warnings
-from .errors import report_errors
-from .image_io import IMAGE_EXTENSIONS, ImageReadError
+from ..config import shipped_config
+from ..console import setup_cli_logging, silence_dependency_warnings
+from ..errors import report_errors
+from ..image_io import IMAGE_EXTENSIONS, ImageReadError
 from .output_dir import make_output_dir
-from .overlay import render_overlay
+from .outputs import output_stems, summary_line, write_outputs
 from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, parse_vocabulary, read_vocabulary_file
 
-SCHEMA = "catseg-demo/1"
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"  # shipped in the package
+DEFAULT_CONFIG = "tiny.yaml"  # a shipped config (random weights)
 RANDOM_WEIGHTS_BANNER = """\
 ############################################################################
 #  No --config-file given: using {config}
@@ -68,8 +50,8 @@ RANDOM_WEIGHTS_BANNER = """\
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="catseg-demo", description="Open-vocabulary segmentation of image files.",
-                                epilog="Output files and JSON schema: see catseg/demo_cli.py or demo/README.md.")
-    p.add_argument("--config-file", default="", help=f"model config (default {DEFAULT_CONFIG.name}, random weights)")
+                                epilog="Output files and JSON schema: see catseg/app/outputs.py or demo/README.md.")
+    p.add_argument("--config-file", default="", help=f"model config (default {DEFAULT_CONFIG}, random weights)")
     p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
     p.add_argument("--output", required=True, help="output folder (created)")
     vocab = p.add_mutually_exclusive_group()
@@ -105,55 +87,6 @@ def expand_inputs(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
     return list(dict.fromkeys(files)), unmatched
 
 
-def output_stems(files: Sequence[Path]) -> List[str]:
-    """A distinct output stem per file: its own stem, then stem_2, stem_3... on repeats."""
-    used, stems = set(), []
-    for f in files:
-        stem, n = f.stem, 1
-        while stem in used:
-            n += 1
-            stem = f"{f.stem}_{n}"
-        used.add(stem)
-        stems.append(stem)
-    return stems
-
-
-def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, weights: str) -> dict:
-    """Write the overlay, label map and JSON of one result; returns the JSON dict."""
-    labels = result.labels.numpy()
-    dtype = np.uint8 if len(result.classes) <= 255 else np.uint16
-    Image.fromarray(labels.astype(dtype)).save(out_dir / f"{stem}_labels.png")
-    shares, present = result.pixel_shares(), result.present()
-    overlay, _ = render_overlay(result.image, labels, result.classes, present, shares)
-    overlay.save(out_dir / f"{stem}_overlay.png")
-    record = {
-        "schema": SCHEMA,
-        "input": str(source),
-        "image_size": list(result.image_size),
-        "output_size": list(labels.shape),
-        "classes": [{"id": i, "name": n, "pixel_share": round(s, 6)}
-                    for i, (n, s) in enumerate(zip(result.classes, shares))],
-        "present": present,
-        "label_map": f"{stem}_labels.png",
-        "label_dtype": np.dtype(dtype).name,
-        "overlay": f"{stem}_overlay.png",
-        "config": config,
-        "weights": weights,
-    }
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return record
-
-
-def summary_line(source: Path, record: dict, seconds: float, top: int = 4) -> str:
-    """'photo.jpg  640x480  3 classes: sky 45.1%; dog, puppy 30.2%; grass 24.7%  (0.52 s)'."""
-    classes = record["classes"]
-    parts = [f"{classes[i]['name']} {classes[i]['pixel_share']:.1%}" for i in record["present"][:top]]
-    more = len(record["present"]) - top
-    h, w = record["image_size"]
-    return (f"{source}  {w}x{h}  {len(record['present'])} classes: {'; '.join(parts)}"
-            f"{f'; +{more} more' if more > 0 else ''}  ({seconds:.2f} s)")
-
-
 def choose_vocabulary(args) -> Optional[List[str]]:
     if args.vocab is not None:
         return parse_vocabulary(args.vocab)
@@ -178,7 +111,7 @@ def run(args) -> int:
     except (EmptyVocabularyError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = args.config_file or str(DEFAULT_CONFIG)
+    config = args.config_file or str(shipped_config(DEFAULT_CONFIG))
     if not args.config_file:
         print(RANDOM_WEIGHTS_BANNER.format(config=config), file=sys.stderr)
     files, unmatched = expand_inputs(args.input)

@@ -1,0 +1,3 @@
+"""What a user runs: the predictor, the command line (`catseg-demo`), the web page (`catseg-web`),
+the files they write (outputs.py, overlay.py, output_dir.py), vocabulary parsing and the
+SAM-refined mode."""

@@ -1,0 +1,79 @@
+"""The files one segmentation result leaves in an output folder, for the CLI and the web page.
+
+For an input `photo.jpg` (stem `photo`):
+  photo_overlay.png  the labels blended over the image, legend of the classes present
+  photo_labels.png   the label map: class ids (uint8; uint16 when there are more than 255 classes)
+  photo.json         the JSON below
+
+JSON schema ("catseg-demo/1"):
+  schema        "catseg-demo/1"
+  input         the input path as given/found
+  image_size    [H, W] of the input (after EXIF rotation)
+  output_size   [h, w] of the label map and overlay (smaller than image_size only when the
+                input's longer side exceeds TEST.MAX_INPUT_SIDE)
+  classes       [{"id": int, "name": str, "pixel_share": float}] every class of the vocabulary,
+                id = value in the label map, share = fraction of label-map pixels (sums to 1)
+  present       ids of the classes with pixel_share > 0, largest share first (= the legend)
+  label_map     file name of the label-map PNG;  label_dtype  "uint8" or "uint16"
+  overlay       file name of the overlay PNG
+  config        the config file;  weights  the checkpoint ("" for random / built weights)
+"""
+import json
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .overlay import render_overlay
+
+SCHEMA = "catseg-demo/1"
+
+
+def output_stems(files: Sequence[Path]) -> List[str]:
+    """A distinct output stem per file: its own stem, then stem_2, stem_3... on repeats."""
+    used, stems = set(), []
+    for f in files:
+        stem, n = f.stem, 1
+        while stem in used:
+            n += 1
+            stem = f"{f.stem}_{n}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, weights: str) -> dict:
+    """Write the overlay, label map and JSON of one result; returns the JSON dict."""
+    labels = result.labels.numpy()
+    dtype = np.uint8 if len(result.classes) <= 255 else np.uint16
+    Image.fromarray(labels.astype(dtype)).save(out_dir / f"{stem}_labels.png")
+    shares, present = result.pixel_shares(), result.present()
+    overlay, _ = render_overlay(result.image, labels, result.classes, present, shares)
+    overlay.save(out_dir / f"{stem}_overlay.png")
+    record = {
+        "schema": SCHEMA,
+        "input": str(source),
+        "image_size": list(result.image_size),
+        "output_size": list(labels.shape),
+        "classes": [{"id": i, "name": n, "pixel_share": round(s, 6)}
+                    for i, (n, s) in enumerate(zip(result.classes, shares))],
+        "present": present,
+        "label_map": f"{stem}_labels.png",
+        "label_dtype": np.dtype(dtype).name,
+        "overlay": f"{stem}_overlay.png",
+        "config": config,
+        "weights": weights,
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return record
+
+
+def summary_line(source: Path, record: dict, seconds: float, top: int = 4) -> str:
+    """'photo.jpg  640x480  3 classes: sky 45.1%; dog, puppy 30.2%; grass 24.7%  (0.52 s)'."""
+    classes = record["classes"]
+    parts = [f"{classes[i]['name']} {classes[i]['pixel_share']:.1%}" for i in record["present"][:top]]
+    more = len(record["present"]) - top
+    h, w = record["image_size"]
+    return (f"{source}  {w}x{h}  {len(record['present'])} classes: {'; '.join(parts)}"
+            f"{f'; +{more} more' if more > 0 else ''}  ({seconds:.2f} s)")
