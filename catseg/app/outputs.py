@@ -17,6 +17,7 @@ JSON schema ("catseg-demo/1"):
   label_map     file name of the label-map PNG;  label_dtype  "uint8" or "uint16"
   overlay       file name of the overlay PNG
   config        the config file;  weights  the checkpoint ("" for random / built weights)
+Each file is written atomically (catseg/atomic.py): an interrupted run leaves no partial file.
 """
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import List, Sequence
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_write
 from .overlay import render_overlay
 
 SCHEMA = "catseg-demo/1"
@@ -43,14 +45,19 @@ def output_stems(files: Sequence[Path]) -> List[str]:
     return stems
 
 
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write `image` as a PNG at `path`, atomically (never a half-written file)."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
 def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, weights: str) -> dict:
     """Write the overlay, label map and JSON of one result; returns the JSON dict."""
     labels = result.labels.numpy()
     dtype = np.uint8 if len(result.classes) <= 255 else np.uint16
-    Image.fromarray(labels.astype(dtype)).save(out_dir / f"{stem}_labels.png")
+    save_png(Image.fromarray(labels.astype(dtype)), out_dir / f"{stem}_labels.png")
     shares, present = result.pixel_shares(), result.present()
     overlay, _ = render_overlay(result.image, labels, result.classes, present, shares)
-    overlay.save(out_dir / f"{stem}_overlay.png")
+    save_png(overlay, out_dir / f"{stem}_overlay.png")
     record = {
         "schema": SCHEMA,
         "input": str(source),
@@ -65,7 +72,8 @@ def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, w
         "config": config,
         "weights": weights,
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(out_dir / f"{stem}.json", lambda f: f.write(text.encode("utf-8")))
     return record
 
 
