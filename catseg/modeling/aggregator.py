@@ -4,9 +4,13 @@ Notation: B images (views), T classes, P prompt templates, C channels, H x W the
 Module names and parameter shapes follow the official implementation, so released checkpoints
 load unchanged.
 
-Every module with a fast path has a `fused` switch (timm's pattern): `fused = False` runs the
-plain computation, in the official order, and `set_fused(module, flag)` sets it everywhere.
-The fast paths compute the same result up to float rounding (tests/test_fused.py):
+Every module with a fast path follows one convention (timm's `fused_attn` pattern): `forward`
+dispatches on the module's `fused` switch to `forward_fused`, the fast computation, or to
+`forward_plain`, the computation in the official order; the three take the same arguments and
+return the same type. Class-independent work that the two paths prepare differently (guidance
+norms and projections) comes from the module's `prepare`, whose result is the `context`
+argument. `set_fused(module, flag)` sets the switch everywhere below a module. The fast paths
+compute the same result up to float rounding (tests/test_fused.py):
 
 - the aggregator state is kept channel-last, (B, T, H, W, C), so no stage transposes it whole;
 - work that does not depend on the class runs once per image and is broadcast over classes
@@ -124,6 +128,7 @@ class WindowAttention(nn.Module):
         self.k = nn.Linear(dim + guidance_dim, dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
+        self.fused = True
 
     def guidance_terms(self, guidance: torch.Tensor) -> torch.Tensor:
         """(B, nW, N, G) guidance windows -> (B, nW, N, 2C): the guidance part of [q, k]."""
@@ -137,12 +142,26 @@ class WindowAttention(nn.Module):
         weight = torch.cat([self.q.weight[:, :c], self.k.weight[:, :c], self.v.weight])
         return weight, torch.cat([self.q.bias, self.k.bias, self.v.bias])
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
+    def prepare(self, guidance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B, nW, N, G) guidance windows or None -> the `forward` context: fused, the
+        (B, nW, N, 2C) guidance part of q / k (`guidance_terms`); plain, the windows."""
+        if guidance is None or not self.fused:
+            return guidance
+        return self.guidance_terms(guidance)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """x: (B * t, nW, N, C) windows of t class slices per image (image-major), normalised here
+        by `norm` when given; context: `prepare` output (per image, or already per slice);
+        mask: (nW, N, N) additive, or None. Returns (B * t, nW, N, C)."""
+        if self.fused:
+            return self.forward_fused(x, context, mask, norm)
+        return self.forward_plain(x, context, mask, norm)
+
+    def forward_fused(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """Fused path: q, k and v of the class slices from one matrix product, the guidance part
-        of q / k added per image. x: (B * t, nW, N, C) windows of t class slices per image
-        (image-major), normalised here by `norm` when given; guidance: (B, nW, N, 2C) from
-        `guidance_terms`, or None; mask: (nW, N, N) additive, or None. Returns (B * t, nW, N, C).
+        of q / k (context: `guidance_terms`, (B, nW, N, 2C)) added per image.
 
         In training (`lean_autograd.use_lean`) q, k and v are not stored: the backward pass
         computes them again from x (one matrix product; on CPU `lean_autograd.norm_qkv_attention`
@@ -150,16 +169,16 @@ class WindowAttention(nn.Module):
         forward runs again), which keeps three quarters of the block's attention activations out
         of memory."""
         if norm is not None and use_lean(x) and fused_attention_backward_available(x):
-            out = norm_qkv_attention(x, norm, *self.packed_qkv(), guidance, self.num_heads, self.scale, mask)
+            out = norm_qkv_attention(x, norm, *self.packed_qkv(), context, self.num_heads, self.scale, mask)
         elif norm is not None and use_lean(x):
-            out = checkpointed(self.attend)(x, guidance, mask, norm)
+            out = checkpointed(self.attend)(x, context, mask, norm)
         else:
-            out = self.attend(x, guidance, mask, norm)
+            out = self.attend(x, context, mask, norm)
         return self.proj(out.transpose(-3, -2).flatten(-2))
 
     def attend(self, x: torch.Tensor, guidance: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                norm: Optional[nn.LayerNorm]) -> torch.Tensor:
-        """`forward` before the output projection: (B * t, nW, heads, N, d)."""
+        """`forward_fused` before the output projection: (B * t, nW, heads, N, d)."""
         n, nw, length, c = x.shape
         weight, bias = self.packed_qkv()
         if norm is not None and use_lean(x):
@@ -174,11 +193,14 @@ class WindowAttention(nn.Module):
             return out.unflatten(0, (n, nw))
         return per_window_attention(q, k, v, mask.unsqueeze(1), scale=self.scale)
 
-    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor] = None,
-                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Plain path. x: (N, nW, L, C) windows; guidance: (N, nW, L, G) windows or None; mask:
-        (nW, L, L) additive or None. Returns (N, nW, L, C)."""
-        xg = x if guidance is None else torch.cat([x, guidance], dim=-1)
+    def forward_plain(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                      mask: Optional[torch.Tensor] = None, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """Plain path, as written: q, k = Linear([x, guidance]), v = Linear(x), softmax attention.
+        context: (B, nW, N, G) guidance windows (repeated here to x's slices) or None."""
+        x = x if norm is None else norm(x)
+        if context is not None:
+            context = context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
+        xg = x if context is None else torch.cat([x, context], dim=-1)
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731 (N, nW, h, L, d)
         q, k, v = heads(self.q(xg)) * self.scale, heads(self.k(xg)), heads(self.v(x))
         attn = q @ k.transpose(-2, -1)
@@ -191,10 +213,10 @@ class WindowAttention(nn.Module):
 class SwinTransformerBlock(nn.Module):
     """Pre-norm (shifted-)window attention block over one cost slice, guided by appearance.
 
-    `forward` is the plain block on (N, H, W, C) maps (roll, partition, attention, reverse,
-    roll back). `forward_windows` is the fused block: its input and output are the
-    (N, nW, window^2, C) windows that gathering the map with `order` gives (the cyclic shift
-    included), so no partition, reverse or roll is done inside the block.
+    Both paths map (N, H, W, C) slices to (N, H, W, C). `forward_plain`: roll, partition,
+    attention, reverse, roll back. `forward_fused`: gather the map into window order (`order`,
+    the cyclic shift included), `window_step`, scatter back; `SwinTransformerBlockWrapper` chains
+    two blocks' `window_step`s directly, with one gather between them.
     """
 
     def __init__(self, dim: int, guidance_dim: int, resolution: Tuple[int, int], num_heads: int,
@@ -214,7 +236,10 @@ class SwinTransformerBlock(nn.Module):
             self.register_buffer("attn_mask", shifted_window_mask(tuple(resolution), window_size, shift_size))
         else:
             self.attn_mask = None
-        self.register_buffer("order", window_order(tuple(resolution), window_size, shift_size), persistent=False)
+        order = window_order(tuple(resolution), window_size, shift_size)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("order_inverse", torch.argsort(order), persistent=False)
+        self.fused = True
 
     @property
     def fusable(self) -> bool:
@@ -222,24 +247,43 @@ class SwinTransformerBlock(nn.Module):
         m = self.mlp
         return m.drop1.p == 0 and m.drop2.p == 0 and isinstance(m.norm, nn.Identity)
 
-    def guidance_terms(self, guidance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Normalised guidance (B, H * W, G) -> (B, nW, N, 2C) q / k terms; None stays None."""
-        if guidance is None:
-            return None
-        return self.attn.guidance_terms(guidance[:, self.order].unflatten(1, (self.num_windows, -1)))
+    def use_fused(self) -> bool:
+        return self.fused and self.fusable
 
-    def forward_windows(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """Fused block. x: (B * t, nW, N, C) class slices in window order (image-major);
-        guidance: `guidance_terms` output or None. Returns (B * t, nW, N, C)."""
-        x = residual(x, self.attn(x, guidance, self.attn_mask, norm=self.norm1))
+    def prepare(self, guidance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Normalised guidance (B, H, W, G) or None -> the `forward` context: fused, the
+        (B, nW, N, 2C) q / k terms in window order; plain, the guidance itself."""
+        if guidance is None or not self.use_fused():
+            return guidance
+        windows = guidance.flatten(1, 2)[:, self.order].unflatten(1, (self.num_windows, -1))
+        return self.attn.guidance_terms(windows)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (N, H, W, C) class slices (image-major); context: `prepare` output. Returns (N, H, W, C)."""
+        if self.use_fused():
+            return self.forward_fused(x, context)
+        return self.forward_plain(x, context)
+
+    def forward_fused(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        """Gather into window order, `window_step`, scatter back."""
+        windows = permute_rows(x.flatten(1, 2), self.order, self.order_inverse).unflatten(1, (self.num_windows, -1))
+        y = self.window_step(windows, context).flatten(1, 2)
+        return permute_rows(y, self.order_inverse, self.order).view_as(x)
+
+    def window_step(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        """The fused block on windows. x: (B * t, nW, N, C) class slices in window order
+        (image-major); context: the (B, nW, N, 2C) q / k terms or None. Returns (B * t, nW, N, C)."""
+        x = residual(x, self.attn.forward_fused(x, context, self.attn_mask, norm=self.norm1))
         if use_lean(x):
             return residual(x, norm_mlp(x, self.norm2, self.mlp.fc1, self.mlp.fc2))
         return residual(x, mlp(self.mlp.fc1, self.mlp.fc2, self.norm2(x), F.gelu, torch.ops.aten.gelu_))
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """Plain block. x: (N, H, W, C); guidance: (N, H, W, G) normalised, or None. Returns (N, H, W, C)."""
+    def forward_plain(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        """The official block. context: (B, H, W, G) normalised guidance (repeated here to x's
+        slices) or None."""
         n, h, w, c = x.shape
         ws, shift = self.window_size, self.shift_size
+        guidance = None if context is None else context.repeat_interleave(n // context.shape[0], dim=0)
         shortcut = x
         x = self.norm1(x)
         if shift:
@@ -259,8 +303,9 @@ class SwinTransformerBlockWrapper(nn.Module):
     """Spatial aggregation: a window block then a shifted-window block, per class slice.
 
     Fused path: the map is gathered into the first block's window order, from there into the
-    second's, and back to row-major (three copies per wrapper), and the guidance LayerNorm and
-    the guidance part of q / k are computed once per image (`prepare`).
+    second's, and back to row-major (three copies per wrapper, where two `forward_fused` blocks
+    would make four), and the guidance LayerNorm and the guidance part of q / k are computed
+    once per image (`prepare`).
     """
 
     def __init__(self, dim: int, guidance_dim: int, resolution: Tuple[int, int], nheads: int, window_size: int):
@@ -276,32 +321,33 @@ class SwinTransformerBlockWrapper(nn.Module):
             self.register_buffer(f"{name}_inverse", torch.argsort(order), persistent=False)
         self.fused = True
 
-    def _fused(self) -> bool:
-        return self.fused and self.block_1.fusable and self.block_2.fusable
+    def use_fused(self) -> bool:
+        return self.fused and self.block_1.use_fused() and self.block_2.use_fused()
 
-    def prepare(self, guidance: Optional[torch.Tensor]):
+    def prepare(self, guidance: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Class-independent work: (B, G, H, W) projected guidance or None -> the `forward`
-        context: fused, per block its (B, nW, N, 2C) q / k terms; plain, the normalised
-        (B, H, W, G) guidance (or None)."""
+        context, each block's `prepare` of the normalised (B, H, W, G) guidance."""
         if guidance is None:
-            return [None, None] if self._fused() else None
+            return [None, None]
         guidance = self.guidance_norm(guidance.permute(0, 2, 3, 1))
-        if not self._fused():
-            return guidance
-        flat = guidance.flatten(1, 2)
-        return [self.block_1.guidance_terms(flat), self.block_2.guidance_terms(flat)]
+        return [self.block_1.prepare(guidance), self.block_2.prepare(guidance)]
 
-    def forward(self, x: torch.Tensor, context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: List[Optional[torch.Tensor]]) -> torch.Tensor:
         """x: (B * t, H, W, C) class slices (image-major); context: `prepare` output.
         Returns (B * t, H, W, C)."""
-        if not self._fused():
-            guidance = None if context is None else context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)
-            return self.block_2(self.block_1(x, guidance), guidance)
+        if self.use_fused():
+            return self.forward_fused(x, context)
+        return self.forward_plain(x, context)
+
+    def forward_plain(self, x: torch.Tensor, context: List[Optional[torch.Tensor]]) -> torch.Tensor:
+        return self.block_2.forward_plain(self.block_1.forward_plain(x, context[0]), context[1])
+
+    def forward_fused(self, x: torch.Tensor, context: List[Optional[torch.Tensor]]) -> torch.Tensor:
         def reorder(t: torch.Tensor, name: str) -> torch.Tensor:  # (n, H * W, C) in a new order
             return permute_rows(t, getattr(self, name), getattr(self, f"{name}_inverse"))
         windows = lambda t: t.unflatten(1, (self.block_1.num_windows, -1))  # noqa: E731
-        y = self.block_1.forward_windows(windows(reorder(x.flatten(1, 2), "map_to_first")), context[0])
-        y = self.block_2.forward_windows(windows(reorder(y.flatten(1, 2), "first_to_second")), context[1])
+        y = self.block_1.window_step(windows(reorder(x.flatten(1, 2), "map_to_first")), context[0])
+        y = self.block_2.window_step(windows(reorder(y.flatten(1, 2), "first_to_second")), context[1])
         return reorder(y.flatten(1, 2), "second_to_map").view_as(x)
 
 
@@ -333,30 +379,33 @@ class ClassTransformerLayer(nn.Module):
     def num_padding(self, classes: int) -> int:
         return max(0, self.pad_length - classes)
 
-    def _fused(self, classes: int) -> bool:
+    def use_fused(self, classes: int) -> bool:
         """The fused path handles padding through linear attention's rank-1 term only."""
         return self.fused and (self.num_padding(classes) == 0 or self.attention.attention_type == "linear")
 
-    def transform(self, x: torch.Tensor, qk_bias: torch.Tensor, extra: Optional[ExtraTokens]) -> torch.Tensor:
-        """Fused pre-norm attention + MLP, both residual. x: (B, M, T, C); qk_bias: (B, 1, T, 2C) or (2C,)."""
+    def transform(self, x: torch.Tensor, guidance: Optional[torch.Tensor], extra: Optional[ExtraTokens]) -> torch.Tensor:
+        """Fused pre-norm attention + MLP, both residual. x: (B, M, T, C); guidance: (B, 1, T, G) or None."""
         fc1, _, fc2 = self.MLP
-        x = x + self.attention(self.norm1(x), qk_bias, extra)
+        x = x + self.attention.forward_fused(self.norm1(x), guidance, extra)
         if use_lean(x):
             return residual(x, norm_mlp(x, self.norm2, fc1, fc2, activation="relu"))
         return residual(x, mlp(fc1, fc2, self.norm2(x), F.relu, torch.relu_))
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
         """x: (B, T, H, W, C); guidance: (B, T, G) projected text guidance or None; chunk:
-        positions per chunk (0: all). Returns (B, T, H, W, C); fused without autograd, written into x.
+        positions per chunk of the fused path (0: all). Returns (B, T, H, W, C); fused without
+        autograd, written into x.
 
         The pooled branch keeps its own residual and is then added to x again (official).
         """
-        if not self._fused(x.shape[1]):
-            return self.forward_plain(x, guidance)
+        if self.use_fused(x.shape[1]):
+            return self.forward_fused(x, guidance, chunk)
+        return self.forward_plain(x, guidance, chunk)
+
+    def forward_fused(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
         b, t, h, w, c = x.shape
         in_place = not torch.is_grad_enabled()
-        qk_bias = self.attention.qk_bias(guidance)
-        qk_bias = qk_bias.unsqueeze(1) if guidance is not None else qk_bias
+        guidance = guidance.unsqueeze(1) if guidance is not None else None  # broadcast over positions
         n_pad = self.num_padding(t)
         extra = None
         if n_pad:
@@ -368,21 +417,22 @@ class ClassTransformerLayer(nn.Module):
 
             def step(s: slice) -> torch.Tensor:
                 chunk_x = flat[:, :, s].transpose(1, 2)
-                return residual(chunk_x, self.transform(chunk_x, qk_bias, extra)).transpose(1, 2)
+                return residual(chunk_x, self.transform(chunk_x, guidance, extra)).transpose(1, 2)
             return over_chunks(step, h * w, chunk or h * w, dim=2, out=flat if in_place else None).view_as(x)
         pooled = pool(x.view(b * t, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         ph, pw = pooled.shape[1:3]
         pooled = pooled.reshape(b, t, ph * pw, c)
-        pooled = over_chunks(lambda s: self.transform(pooled[:, :, s].transpose(1, 2), qk_bias, extra).transpose(1, 2),
+        pooled = over_chunks(lambda s: self.transform(pooled[:, :, s].transpose(1, 2), guidance, extra).transpose(1, 2),
                              ph * pw, chunk or ph * pw, dim=2)
         pooled = pooled.reshape(b * t, ph, pw, c).permute(0, 3, 1, 2)
         up = F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
         up = up.reshape(b, t, h, w, c)
         return x.add_(up) if in_place else x + up
 
-    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
         """Plain path: pool, one sequence of classes (plus padding) per pooled position, attention
-        and MLP residuals, upsample back, add. Shapes as `forward`."""
+        and MLP residuals, upsample back, add. Shapes as `forward`; all positions at once (`chunk`
+        sizes the fused path only)."""
         b, t, h, w, c = x.shape
         pool = self.pool if self.training else self.test_pool
         pooled = pool(x.permute(0, 1, 4, 2, 3).reshape(b * t, c, h, w))  # (B * T, C, ph, pw)
@@ -511,11 +561,19 @@ class Up(nn.Module):
         context: `prepare` output. Returns (B * t, C_out, 2h, 2w); on the lean training path a
         `PreActivation` whose GroupNorm and ReLU the next convolution applies (recomputed in
         the backward pass instead of stored)."""
-        if not self.fused:
-            y = self.up(x.materialize() if isinstance(x, PreActivation) else x)
-            if context is not None:
-                y = torch.cat([y, context.repeat_interleave(y.shape[0] // context.shape[0], dim=0)], dim=1)
-            return self.conv(y)
+        if self.fused:
+            return self.forward_fused(x, context)
+        return self.forward_plain(x, context)
+
+    def forward_plain(self, x, context):
+        """Transposed convolution, concatenation of the guidance (context), DoubleConv."""
+        y = self.up(x.materialize() if isinstance(x, PreActivation) else x)
+        if context is not None:
+            y = torch.cat([y, context.repeat_interleave(y.shape[0] // context.shape[0], dim=0)], dim=1)
+        return self.conv(y)
+
+    def forward_fused(self, x, context):
+        """Four phase convolutions interleaved, plus the class-independent guidance term."""
         term, weight = context
         phases = conv_after(x, weight, None, padding=1)  # (n, 4 * C_out, h + 1, w + 1), phase-major
         y = interleave_phases(phases.permute(0, 2, 3, 1).unflatten(-1, (2, 2, -1)), term)  # channels-last

@@ -98,10 +98,12 @@ PLAIN_ATTENTION_FUNCTIONS = {"linear": linear_attention_plain, "full": full_atte
 class AttentionLayer(nn.Module):
     """Multi-head attention whose queries and keys also see a guidance vector.
 
-    q, k = Linear([x, guidance]); v = Linear(x). Fused path (`fused`): the guidance depends on
-    the sequence element only (one vector per class), so its half of the q / k projections is
-    computed once per element (`qk_bias`) and broadcast over the positions, from the same
-    parameters split at use time. Plain path (`forward_plain`): the concatenation, as written.
+    q, k = Linear([x, guidance]); v = Linear(x). `forward` dispatches on `fused`. Fused path
+    (`forward_fused`): the guidance depends on the sequence element only (one vector per class),
+    so its half of the q / k projections is computed once per element (`qk_bias`) and broadcast
+    over the positions, from the same parameters split at use time; `extra` tokens enter linear
+    attention as one rank-1 term. Plain path (`forward_plain`): the concatenation, as written,
+    and `extra` tokens appended to the sequence (their own outputs dropped).
     """
 
     def __init__(self, hidden_dim: int, guidance_dim: int, nheads: int = 8, attention_type: str = "linear"):
@@ -113,6 +115,7 @@ class AttentionLayer(nn.Module):
         self.q = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
+        self.fused = True
 
     def qk_bias(self, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """(..., L, G) guidance or None -> (..., L, 2C) (or (2C,)): bias plus guidance half of [q, k]."""
@@ -127,18 +130,31 @@ class AttentionLayer(nn.Module):
         xg = x if guidance is None else torch.cat([x, guidance])
         return ExtraTokens(count, self.k(xg), self.v(x))
 
-    def forward(self, x: torch.Tensor, qk_bias: torch.Tensor, extra: Optional[ExtraTokens] = None) -> torch.Tensor:
-        """Fused path. x: (..., L, C), attention along L; qk_bias: `qk_bias` output,
-        broadcastable to (..., L, 2C); extra: appended tokens (linear attention only).
-        Returns (..., L, C)."""
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+                extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+        """x: (..., L, C), attention along L; guidance: (..., L, G) broadcastable to x's leading
+        dimensions, or None; extra: tokens appended to every sequence (the fused path takes them
+        with linear attention only). Returns (..., L, C)."""
+        if self.fused:
+            return self.forward_fused(x, guidance, extra)
+        return self.forward_plain(x, guidance, extra)
+
+    def forward_fused(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+                      extra: Optional[ExtraTokens] = None) -> torch.Tensor:
         c = x.shape[-1]
         qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]))
-        qk = qk.add_(qk_bias)  # in place: the linear map's backward does not need its output
+        qk = qk.add_(self.qk_bias(guidance))  # in place: the linear map's backward does not need its output
         if extra is not None:
             return linear_attention(qk[..., :c], qk[..., c:], self.v(x), self.nheads, extra=extra)
         return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], self.v(x), self.nheads)
 
-    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """Plain path. x: (..., L, C); guidance: (..., L, G) or None. Returns (..., L, C)."""
-        xg = x if guidance is None else torch.cat([x, guidance], dim=-1)
-        return PLAIN_ATTENTION_FUNCTIONS[self.attention_type](self.q(xg), self.k(xg), self.v(x), self.nheads)
+    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+                      extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+        xg = x if guidance is None else torch.cat([x, guidance.expand(*x.shape[:-1], -1)], dim=-1)
+        q, k, v = self.q(xg), self.k(xg), self.v(x)
+        length = x.shape[-2]
+        if extra is not None:  # appended tokens: zero queries (outputs dropped), their keys and values
+            def append(t: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t, token.expand(*t.shape[:-2], extra.count, -1)], dim=-2)
+            q, k, v = append(q, torch.zeros_like(extra.k)), append(k, extra.k), append(v, extra.v)
+        return PLAIN_ATTENTION_FUNCTIONS[self.attention_type](q, k, v, self.nheads)[..., :length, :]

@@ -252,11 +252,22 @@ class DenseCLIPEncoder(nn.Module):
         nn.init.xavier_uniform_(prompts)
         self.visual.transformer.prompt_tokens = nn.Parameter(prompts)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return fused_block(block, x) if self.fused and fusable(block) else block(x)
-
     def forward(self, images: torch.Tensor, blocks: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
-        """Dense image features.
+        """Dense image features (see `dense_features`), through `forward_fused` or `forward_plain`."""
+        if self.fused:
+            return self.forward_fused(images, blocks)
+        return self.forward_plain(images, blocks)
+
+    def forward_fused(self, images: torch.Tensor, blocks: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
+        """Every block that allows it (`fusable`) through `fused_block`."""
+        return self.dense_features(images, blocks, lambda b, x: fused_block(b, x) if fusable(b) else b(x))
+
+    def forward_plain(self, images: torch.Tensor, blocks: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
+        """Every block through open_clip's own forward."""
+        return self.dense_features(images, blocks, lambda b, x: b(x))
+
+    def dense_features(self, images: torch.Tensor, blocks: Sequence[int], run_block) -> Dict[str, torch.Tensor]:
+        """Dense image features, each residual block but the last run by `run_block(block, x)`.
 
         Args:
             images: (B, 3, H, W), CLIP-normalised.
@@ -289,7 +300,7 @@ class DenseCLIPEncoder(nn.Module):
             if i == len(resblocks) - 1:
                 x = DENSE_BLOCKS[self.dense_block](block, x)
             else:
-                x = self._run_block(block, x)
+                x = run_block(block, x)
             if i in blocks:
                 out[f"block{i}"] = patch_map(x)
         out["dense"] = patch_map(visual.ln_post(x) @ visual.proj)

@@ -15,11 +15,22 @@ from ..attention import per_window_attention
 
 
 class FusedWindowAttention(WindowAttention):
-    """detectron2's WindowAttention computed by `scaled_dot_product_attention`, the relative
-    position bias (and the shifted-window mask) as its additive mask."""
+    """detectron2's WindowAttention with a fast path: `forward` dispatches on `fused` to
+    `forward_fused`, computed by `scaled_dot_product_attention` with the relative position bias
+    (and the shifted-window mask) as its additive mask, or to `forward_plain`, detectron2's own."""
+
+    fused = True  # a class attribute: instances are detectron2's, re-classed (D2SwinTransformer)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         """x: (nW * B, N, C) windows; mask: (nW, N, N) additive (0 / -100) or None. Returns (nW * B, N, C)."""
+        if self.fused:
+            return self.forward_fused(x, mask)
+        return self.forward_plain(x, mask)
+
+    def forward_plain(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+        return super().forward(x, mask)
+
+    def forward_fused(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         windows, n, c = x.shape
         qkv = self.qkv(x).view(windows, n, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (nW * B, heads, N, d)
