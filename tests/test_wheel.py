@@ -1,6 +1,7 @@
 """The wheel is a working package on its own: `pip wheel .` carries every data file of the source
-tree, and `catseg-demo` installed from it into a fresh virtualenv segments an image from outside
-the repository with its default config (shipped in the package, random CLIP weights).
+tree, `catseg-demo` installed from it into a fresh virtualenv segments an image from outside
+the repository with its default config (shipped in the package, random CLIP weights), and
+`catseg-web` started from it with no arguments serves its page.
 
 Offline: the wheel is built without build isolation and installed without dependencies; the
 fresh virtualenv reaches the dependencies through a .pth file naming the site-packages of the
@@ -11,8 +12,12 @@ import json
 import os
 import shutil
 import subprocess
+import socket
 import sys
 import sysconfig
+import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -106,3 +111,34 @@ def test_demo_from_the_installed_wheel(venv, tmp_path):
     assert record["output_size"] == [48, 64] and [c["name"] for c in record["classes"]] == ["sky", "grass, lawn"]
     assert (out / record["overlay"]).is_file() and (out / record["label_map"]).is_file()
 
+
+
+def test_web_page_from_the_installed_wheel(venv, tmp_path):
+    """`catseg-web` with no arguments, outside the repository: it finds its default config in the
+    installed package and answers its page with HTTP 200 (port from $GRADIO_SERVER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**clean_env(tmp_path), "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = tmp_path / "web.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(venv / "bin" / "catseg-web")], env=env, cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline, status = time.time() + 300, None
+        while status is None and time.time() < deadline:
+            assert proc.poll() is None, f"catseg-web exited:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+                    status = response.status
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        assert status == 200, f"no page within 300 s:\n{log.read_text()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
+            assert "tiny (random weights)" in response.read().decode("utf-8")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

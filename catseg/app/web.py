@@ -15,6 +15,7 @@ memory; text embeddings come from the disk cache. "Refine with Segment Anything"
 automatic masks with CAT-Seg (catseg/app/sam_refine.py; SAM weights from --sam-weights).
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -31,8 +32,8 @@ from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, clean_vocabulary, parse_vocabulary
 
 # `make demo` trains the quick-start model into output/quickstart/ of the folder it runs in.
-QUICKSTART = ("quickstart.yaml", Path("output") / "quickstart" / "model_final.pth")
-TINY = "tiny.yaml"
+QUICKSTART = (shipped_config("quickstart.yaml"), Path("output") / "quickstart" / "model_final.pth")
+TINY = shipped_config("tiny.yaml")
 RANDOM_BANNER = ("**Random weights**: no model was given and the quick-start model is not trained "
                  "(`make demo`). The masks are meaningless; start with `--config-file ... --weights ...`.")
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="append", default=[], help="checkpoint of each --config-file, in order")
     p.add_argument("--sam-weights", default="", help="local SAM checkpoint: enables the SAM-refined mode (MODEL.SAM.WEIGHTS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every model: KEY VALUE ...")
     return p
@@ -55,8 +57,8 @@ def model_choices(configs: Sequence[str], weights: Sequence[str]) -> Tuple[Dict[
         padded = list(weights) + [""] * (len(configs) - len(weights))
         return {f"{Path(c).stem}" + (f" ({Path(w).name})" if w else ""): (c, w) for c, w in zip(configs, padded)}, False
     if QUICKSTART[1].is_file():
-        return {"quick-start (trained by make demo)": (str(shipped_config(QUICKSTART[0])), str(QUICKSTART[1]))}, False
-    return {"tiny (random weights)": (str(shipped_config(TINY)), "")}, True
+        return {"quick-start (trained by make demo)": (str(QUICKSTART[0]), str(QUICKSTART[1]))}, False
+    return {"tiny (random weights)": (str(TINY), "")}, True
 
 
 class WebDemo:
