@@ -42,7 +42,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_net.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Train or evaluate CAT-Seg. Every setting is a config key (catseg/config.py); "
+        description="Train or evaluate CAT-Seg. Every setting is a config key (catseg/config/keys.py); "
                     "override any with KEY VALUE pairs after the options.")
     p.add_argument("--config-file", default="", metavar="FILE", help="config file (YAML), see the list below")
     p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS on DATASETS.TEST, no training")

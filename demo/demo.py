@@ -2,7 +2,7 @@
 
     .venv/bin/python demo/demo.py --input demo/samples --output output/demo --vocab "sky; grass; house, building; sun"
 
-Options, outputs and the JSON schema: catseg/demo_cli.py (or demo/README.md).
+Options, outputs and the JSON schema: catseg/app/cli.py and catseg/app/outputs.py (or demo/README.md).
 """
 import sys
 from pathlib import Path

@@ -24,7 +24,7 @@ CLASSES = ["sky", "grass, lawn", "house, building", "sun", "café"]
 
 
 def validate_record(record: dict, out: Path, num_classes: int):
-    """The documented JSON schema (catseg/demo_cli.py, demo/README.md), and its files."""
+    """The documented JSON schema (catseg/app/outputs.py, demo/README.md), and its files."""
     assert set(record) == {"schema", "input", "image_size", "output_size", "classes", "present", "label_map",
                            "label_dtype", "overlay", "config", "weights"}
     assert record["schema"] == "catseg-demo/1"

@@ -4,7 +4,7 @@
         --input photos/ "more/*.jpg" --output out/ --vocab "cat, kitten; sofa; floor"
 
 Inputs: files, folders (their image files, not recursive) and glob patterns. `--refine sam`
-labels Segment Anything's automatic masks with CAT-Seg (catseg/sam_refine.py; SAM weights from
+labels Segment Anything's automatic masks with CAT-Seg (catseg/app/sam_refine.py; SAM weights from
 `--sam-weights` or MODEL.SAM.WEIGHTS). Vocabulary: one of
 --vocab "a, b; c" (";" separates classes, "," lists synonyms of one class), --vocab-file
 (.json list or .txt with one class per line) or --dataset-vocab (a shipped list: ade150,

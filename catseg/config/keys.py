@@ -21,9 +21,9 @@ RELEASES = {
 
 def apply_release(cfg, release: str) -> None:
     """Set MODEL.RELEASE and its preset keys (`RELEASES`) in `cfg` (in place, not frozen)."""
-    cfg.MODEL.RELEASE = release
+    cfg.MODEL.RELEASE = release  # the preset's name, kept in the config
     for key, value in RELEASES[release].items():
-        cfg.MODEL.SEM_SEG_HEAD[key] = value
+        cfg.MODEL.SEM_SEG_HEAD[key] = value  # each overridable: the file and the overrides merge after
 
 
 def add_catseg_config(cfg):
