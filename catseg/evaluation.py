@@ -13,7 +13,7 @@ predicted class absent from the ground truth counts as 0 (`mIoU (v0.6 wheel)`). 
 both, and every other summary metric, from the confusion matrix itself.
 """
 import os
-from typing import Dict, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ class ConfusionMetrics(NamedTuple):
     """Metrics of one confusion matrix, in percent: `summary` (mIoU in both conventions, fwIoU,
     mACC, pACC), `iou` and `acc` (K,) per class, NaN for a class absent from the ground truth."""
 
-    summary: Dict[str, float]
+    summary: dict[str, float]
     iou: np.ndarray
     acc: np.ndarray
 
