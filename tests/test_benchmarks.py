@@ -1,6 +1,7 @@
 """The six-benchmark command on miniature copies of the six datasets (prepared layouts, one
 image each, tiny model with a 64-pixel geometry): same numbers as six separate --eval-only
-runs, resumes after an interruption, skips a missing dataset (or fails with --strict)."""
+runs, resumes after an interruption, skips a missing dataset (or fails with --strict); the table
+shows the mIoU in both conventions."""
 import json
 import logging
 
@@ -29,7 +30,8 @@ LABELS = {  # dataset -> (number of classes, label dtype, ignore value)
 
 
 def write_miniatures(root):
-    """One 40x52 image and label per benchmark, in the layout of datasets/prepare_*.py."""
+    """One 40x52 image and label per benchmark, in the layout of datasets/prepare_*.py; the labels
+    use the first half of the classes, so the two mIoU conventions part."""
     rng = np.random.RandomState(0)
     for k, (dataset, (classes, dtype, ignore)) in enumerate(LABELS.items()):
         bench = BENCHMARKS[dataset]
@@ -37,7 +39,7 @@ def write_miniatures(root):
         (root / bench.label_dir).mkdir(parents=True)
         stem = f"img_{k}"
         Image.fromarray(rng.randint(0, 255, (40, 52, 3), dtype=np.uint8)).save(root / bench.image_dir / f"{stem}.jpg")
-        label = rng.randint(0, classes, (40, 52)).astype(dtype)
+        label = rng.randint(0, classes // 2, (40, 52)).astype(dtype)  # the other half: predicted at most
         label[:3] = ignore
         Image.fromarray(label).save(root / bench.label_dir / f"{stem}{bench.label_ext}")
 
@@ -114,10 +116,14 @@ def test_six_benchmarks_resume_skip_missing_and_equal_separate_runs(setup, tmp_p
     assert table["benchmarks"] == ["A-847", "PC-459", "A-150", "PC-59", "PAS-20", "PAS-20b"]
     assert table["not_evaluated"] == [] and [r["result"] for r in table["rows"]] == ["sem_seg"]
     markdown = (out / "benchmarks" / "table.md").read_text().splitlines()
-    assert markdown[0] == "| result | A-847 | PC-459 | A-150 | PC-59 | PAS-20 | PAS-20b |"
+    assert markdown[0] == "| result | metric | A-847 | PC-459 | A-150 | PC-59 | PAS-20 | PAS-20b |"
+    md_cells = {line.split(" | ")[1]: line.strip("| ").split(" | ")[2:] for line in markdown[2:]}
     csv_rows = (out / "benchmarks" / "table.csv").read_text().splitlines()
-    assert csv_rows[0] == "result,A-847,PC-459,A-150,PC-59,PAS-20,PAS-20b"
-    for p in PROTOCOLS:  # one separate --eval-only run per benchmark, official eval.sh overrides
+    assert csv_rows[0] == "result,metric,A-847,PC-459,A-150,PC-59,PAS-20,PAS-20b"
+    csv_cells = {row.split(",")[1]: row.split(",")[2:] for row in csv_rows[1:]}
+    assert [r.split(",")[:2] for r in csv_rows[1:]] == [["sem_seg", "mIoU"], ["sem_seg", "mIoU (v0.6 wheel)"]]
+    assert list(md_cells) == ["mIoU", "mIoU (v0.6 wheel)"] and len(markdown) == 4
+    for k, p in enumerate(PROTOCOLS):  # one separate --eval-only run per benchmark, official eval.sh overrides
         separate = tmp_path / p.key
         run(train_net, ["--config-file", str(CONFIGS / "tiny.yaml"), "--eval-only", *SMALL,
                         "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", f"datasets/{p.class_list}.json",
@@ -127,9 +133,13 @@ def test_six_benchmarks_resume_skip_missing_and_equal_separate_runs(setup, tmp_p
         expected = json.loads((separate / "metrics_eval.json").read_text())
         assert json.loads((out / "benchmarks" / p.dataset / "metrics.json").read_text()) == expected
         row = table["rows"][0][p.name]
-        assert row == {m: expected["sem_seg"][m] for m in ("mIoU", "fwIoU", "pACC")}
-        assert f"{row['mIoU']:.1f}" in markdown[2] and f"{row['mIoU']:.2f}" in csv_rows[1]
-    assert len({table["rows"][0][p.name]["mIoU"] for p in PROTOCOLS}) > 1  # distinct datasets, distinct numbers
+        assert row == {m: expected["sem_seg"][m] for m in ("mIoU", "mIoU (v0.6 wheel)", "fwIoU", "pACC")}
+        for metric in ("mIoU", "mIoU (v0.6 wheel)"):
+            assert md_cells[metric][k] == f"{row[metric]:.1f}" and csv_cells[metric][k] == f"{row[metric]:.2f}"
+        assert row["mIoU (v0.6 wheel)"] <= row["mIoU"]  # same IoU sum, a denominator at least as large
+    rows = table["rows"][0]
+    assert len({rows[p.name]["mIoU"] for p in PROTOCOLS}) > 1  # distinct datasets, distinct numbers
+    assert any(rows[p.name]["mIoU (v0.6 wheel)"] < rows[p.name]["mIoU"] for p in PROTOCOLS)  # classes predicted, absent
 
 
 def test_strict_makes_a_missing_dataset_fatal_before_anything_runs(setup, tmp_path, builtin_root):
@@ -148,13 +158,23 @@ def test_benchmark_selection():
         select_protocols("coco")
 
 
-def test_table_has_a_tta_row_when_tta_ran(tmp_path):
-    metrics = {"mIoU": 50.0, "fwIoU": 60.0, "pACC": 70.0, "mACC": 1.0}
+def test_table_has_tta_rows_when_tta_ran(tmp_path):
+    metrics = {"mIoU": 50.0, "mIoU (v0.6 wheel)": 40.0, "fwIoU": 60.0, "pACC": 70.0, "mACC": 1.0}
     results = {p.name: {"sem_seg": metrics, "sem_seg_TTA": {**metrics, "mIoU": 51.25}} for p in PROTOCOLS[:2]}
     write_tables(str(tmp_path), PROTOCOLS, results)
     markdown = (tmp_path / "table.md").read_text().splitlines()
-    assert markdown[2:] == ["| sem_seg | 50.0 | 50.0 | - | - | - | - |", "| sem_seg_TTA | 51.2 | 51.2 | - | - | - | - |"]
-    assert (tmp_path / "table.csv").read_text().splitlines()[2] == "sem_seg_TTA,51.25,51.25,,,,"
+    assert markdown[2:] == ["| sem_seg | mIoU | 50.0 | 50.0 | - | - | - | - |",
+                            "| sem_seg | mIoU (v0.6 wheel) | 40.0 | 40.0 | - | - | - | - |",
+                            "| sem_seg_TTA | mIoU | 51.2 | 51.2 | - | - | - | - |",
+                            "| sem_seg_TTA | mIoU (v0.6 wheel) | 40.0 | 40.0 | - | - | - | - |"]
+    assert (tmp_path / "table.csv").read_text().splitlines()[3] == "sem_seg_TTA,mIoU,51.25,51.25,,,,"
     table = json.loads((tmp_path / "table.json").read_text())
-    assert table["rows"][1]["A-847"] == {"mIoU": 51.25, "fwIoU": 60.0, "pACC": 70.0}
+    assert table["rows"][1]["A-847"] == {"mIoU": 51.25, "mIoU (v0.6 wheel)": 40.0, "fwIoU": 60.0, "pACC": 70.0}
     assert table["not_evaluated"] == ["A-150", "PC-59", "PAS-20", "PAS-20b"]
+
+
+def test_metrics_written_before_the_v06_column_resume_with_a_dash(tmp_path):
+    results = {"A-847": {"sem_seg": {"mIoU": 12.5, "fwIoU": 60.0, "pACC": 70.0}}}
+    write_tables(str(tmp_path), PROTOCOLS[:1], results)
+    assert (tmp_path / "table.md").read_text().splitlines()[2:] == ["| sem_seg | mIoU | 12.5 |",
+                                                                   "| sem_seg | mIoU (v0.6 wheel) | - |"]

@@ -52,6 +52,8 @@ def test_ade150_miniature_end_to_end(tmp_path, config, opts):
     metrics = json.loads((out / "metrics_eval.json").read_text())["sem_seg"]
     assert len([k for k in metrics if k.startswith("IoU-")]) == 150
     assert 0.0 <= metrics["mIoU"] <= 100.0
+    assert 0.0 <= metrics["mIoU (v0.6 wheel)"] <= metrics["mIoU"]
+    assert "copypaste: mIoU,mIoU (v0.6 wheel),fwIoU,mACC,pACC" in proc.stdout + proc.stderr  # both conventions
 
 
 def _write_custom(root, gt):
@@ -99,4 +101,5 @@ def test_custom_dataset_miou_matches_hand_computed_confusion(tmp_path, monkeypat
     for c, name in enumerate(["cat", "dog", "bird"]):
         assert metrics[f"IoU-{name}"] == pytest.approx(100 * iou[c], abs=1e-6)
     assert metrics["mIoU"] == pytest.approx(100 * np.mean(iou), abs=1e-6)
+    assert metrics["mIoU (v0.6 wheel)"] == metrics["mIoU"]  # every predicted class is in the ground truth
     assert metrics["pACC"] == pytest.approx(100 * np.trace(conf) / conf.sum(), abs=1e-6)

@@ -1,12 +1,13 @@
-"""Evaluation: SemSegEvaluator metrics against hand-computed confusion matrices (8-bit PNG,
-16-bit TIFF with ignore 65535, ignore 459) and the VOC-20b background evaluator."""
+"""Evaluation: metrics against hand-computed confusion matrices (8-bit PNG, 16-bit TIFF with
+ignore 65535, ignore 459), both mIoU conventions whatever detectron2's own formula, and the
+VOC-20b background evaluator."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from catseg.data.datasets import register_custom_dataset
-from catseg.evaluation import BackgroundSemSegEvaluator, build_evaluator
+from catseg.evaluation import BackgroundSemSegEvaluator, ConfusionSemSegEvaluator, build_evaluator
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
 
@@ -48,7 +49,7 @@ def test_sem_seg_metrics_hand_computed(tmp_path, registered_datasets):
     registered_datasets("eval_png")
     inputs = make_dataset(tmp_path, "eval_png", gts, str(classes), 255)
     evaluator, res = evaluate("eval_png", inputs, preds, 3)
-    assert type(evaluator) is SemSegEvaluator
+    assert type(evaluator) is ConfusionSemSegEvaluator
     # confusion (rows pred, cols gt): class a: tp 1, gt 2, pred 2 -> IoU 1/3, acc 1/2
     # b: tp 2, gt 2, pred 3 -> IoU 2/3, acc 1; c: tp 0, gt 1, pred 0 -> IoU 0, acc 0
     assert res["IoU-a"] == pytest.approx(100 / 3)
@@ -62,6 +63,54 @@ def test_sem_seg_metrics_hand_computed(tmp_path, registered_datasets):
     for g, p in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 0), (3, 2)]:  # ignored gt is row 3
         expected[p, g] += 1
     np.testing.assert_array_equal(evaluator._conf_matrix, expected)
+
+
+def altered_detectron2_formula(monkeypatch):
+    """Make detectron2's SemSegEvaluator.evaluate report other numbers (as another build of it
+    might); returns the list of its altered results."""
+    original, altered = SemSegEvaluator.evaluate, []
+
+    def evaluate(self):
+        res = {k: v + 7.0 for k, v in original(self)["sem_seg"].items()}
+        altered.append(res)
+        return {"sem_seg": res}
+
+    monkeypatch.setattr(SemSegEvaluator, "evaluate", evaluate)
+    return altered
+
+
+@pytest.mark.parametrize("detectron2_formula", ["installed", "altered"])
+def test_two_miou_conventions_hand_computed(tmp_path, registered_datasets, monkeypatch, detectron2_formula):
+    """a, b, c in the ground truth; d predicted but absent from it; e neither. The numbers come
+    from catseg's confusion matrix, the same whatever detectron2's own evaluate reports."""
+    altered = altered_detectron2_formula(monkeypatch) if detectron2_formula == "altered" else None
+    classes = tmp_path / "classes.json"
+    classes.write_text('["a", "b", "c", "d", "e"]')
+    gt = np.array([[0, 0, 0, 0, 1], [1, 2, 2, 2, 255]], np.uint8)
+    pred = np.array([[0, 0, 0, 3, 1], [1, 2, 0, 1, 3]])
+    registered_datasets("eval_conventions")
+    inputs = make_dataset(tmp_path, "eval_conventions", [gt], str(classes), 255)
+    evaluator, res = evaluate("eval_conventions", inputs, [pred], 5)
+    expected = np.zeros((6, 6), np.int64)  # rows predicted, columns ground truth (5: ignored)
+    expected[0, 0], expected[3, 0] = 3, 1  # a: 4 pixels, 3 found, 1 taken for d
+    expected[1, 1] = 2  # b: 2 pixels, both found
+    expected[2, 2], expected[0, 2], expected[1, 2] = 1, 1, 1  # c: 3 pixels, 1 found
+    expected[3, 5] = 1  # an ignored pixel predicted as d: counts nowhere
+    np.testing.assert_array_equal(evaluator._conf_matrix, expected)
+    # a: tp 3, gt 4, pred 4 -> IoU 3/5, ACC 3/4; b: tp 2, gt 2, pred 3 -> 2/3, 1; c: tp 1, gt 3,
+    # pred 1 -> 1/3, 1/3; d: gt 0, pred 1 -> no IoU, but present in the v0.6 denominator
+    iou_sum = 3 / 5 + 2 / 3 + 1 / 3
+    assert res["mIoU"] == pytest.approx(100 * iou_sum / 3)  # 53.33: over a, b, c
+    assert res["mIoU (v0.6 wheel)"] == pytest.approx(100 * iou_sum / 4)  # 40.00: over a, b, c, d
+    assert res["fwIoU"] == pytest.approx(100 * (4 * 3 / 5 + 2 * 2 / 3 + 3 * 1 / 3) / 9)  # 52.59 = 100 * 71/135
+    assert res["mACC"] == pytest.approx(100 * (3 / 4 + 1 + 1 / 3) / 3)  # 69.44 = 100 * 25/36
+    assert res["pACC"] == pytest.approx(100 * 6 / 9)  # 66.67
+    assert [res[f"IoU-{c}"] for c in "abc"] == pytest.approx([60.0, 200 / 3, 100 / 3])
+    assert [res[f"ACC-{c}"] for c in "abc"] == pytest.approx([75.0, 100.0, 100 / 3])
+    assert all(np.isnan(res[f"{m}-{c}"]) for m in ("IoU", "ACC") for c in "de")
+    assert list(res)[:5] == ["mIoU", "mIoU (v0.6 wheel)", "fwIoU", "mACC", "pACC"]
+    if altered:  # detectron2's evaluate ran and reported other numbers, which catseg did not use
+        assert altered[0]["mIoU"] == pytest.approx(res["mIoU"] + 7.0)
 
 
 def test_16bit_tiff_with_ignore_65535(tmp_path, registered_datasets):

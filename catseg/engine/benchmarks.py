@@ -11,9 +11,10 @@ inside the detectron2 launcher (multi-GPU, multi-machine as for --eval-only).
 
 Under OUTPUT_DIR/benchmarks/: `<dataset>/metrics.json` per benchmark (written when it finishes;
 an existing one is read instead of evaluating again, so an interrupted run resumes), and the
-table as `table.md`, `table.csv`, `table.json` (mIoU per benchmark; fwIoU and pACC in the
-JSON), also printed. A missing dataset is one warning line and the next benchmark runs; with
-`strict` it raises.
+table as `table.md`, `table.csv`, `table.json`, also printed: per benchmark the mIoU in both
+conventions, one line each (`mIoU`, the papers'; `mIoU (v0.6 wheel)`, detectron2 v0.6's; see
+catseg/evaluation.py), and fwIoU and pACC in the JSON. A missing dataset is one warning line and
+the next benchmark runs; with `strict` it raises.
 """
 import csv
 import io
@@ -29,6 +30,7 @@ from ..atomic import atomic_write
 from ..config import load_config
 from ..data.class_names import load_class_names
 from ..data.datasets import DatasetNotFoundError
+from ..evaluation import PAPER_MIOU, WHEEL_MIOU
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ PROTOCOLS = (
     Protocol("PAS-20b", "pas20b", "voc20b", "voc_2012_test_background_sem_seg"),
 )
 PROTOCOL_OPTS = ["TEST.SLIDING_WINDOW", "True", "TEST.POOLING_SIZES", "[1, 1]"]  # shared by all six
-METRICS = ("mIoU", "fwIoU", "pACC")  # kept per benchmark in the JSON table
+METRICS = (PAPER_MIOU, WHEEL_MIOU, "fwIoU", "pACC")  # kept per benchmark in the JSON table
+TABLE_METRICS = (PAPER_MIOU, WHEEL_MIOU)  # one line each in the markdown and CSV tables
 
 
 def select_protocols(spec: str) -> List[Protocol]:
@@ -124,26 +127,36 @@ def table_rows(protocols: Sequence[Protocol], results: Dict) -> List[Dict]:
     """One row per result kind ("sem_seg", and "sem_seg_TTA" with test-time augmentation):
     {"result": kind, benchmark name: {metric: value} or None}."""
     kinds = sorted({k for r in results.values() if r for k in r})
-    return [{"result": kind, **{p.name: ({m: results[p.name][kind][m] for m in METRICS}
+    return [{"result": kind, **{p.name: ({m: results[p.name][kind].get(m) for m in METRICS}
                                     if results.get(p.name) and kind in results[p.name] else None)
                           for p in protocols}} for kind in kinds]
 
 
+def cell(metrics: Optional[Dict], metric: str, spec: str, missing: str) -> str:
+    """`metrics[metric]` formatted with `spec`; `missing` where not evaluated (or, in a
+    metrics.json written before the metric existed, not recorded)."""
+    value = metrics.get(metric) if metrics else None
+    return missing if value is None else format(value, spec)
+
+
 def markdown_table(protocols: Sequence[Protocol], rows: List[Dict]) -> str:
-    """mIoU per benchmark, "-" where not evaluated."""
-    lines = ["| result | " + " | ".join(p.name for p in protocols) + " |", "|---" * (len(protocols) + 1) + "|"]
+    """One line per result kind and TABLE_METRICS entry, one column per benchmark; "-" where not evaluated."""
+    lines = ["| result | metric | " + " | ".join(p.name for p in protocols) + " |", "|---" * (len(protocols) + 2) + "|"]
     for row in rows:
-        cells = [f"{row[p.name]['mIoU']:.1f}" if row[p.name] else "-" for p in protocols]
-        lines.append(f"| {row['result']} | " + " | ".join(cells) + " |")
+        for metric in TABLE_METRICS:
+            cells = [cell(row[p.name], metric, ".1f", "-") for p in protocols]
+            lines.append(f"| {row['result']} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def csv_table(protocols: Sequence[Protocol], rows: List[Dict]) -> str:
+    """The markdown table's lines as CSV, two decimals, empty where not evaluated."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["result"] + [p.name for p in protocols])
+    writer.writerow(["result", "metric"] + [p.name for p in protocols])
     for row in rows:
-        writer.writerow([row["result"]] + [f"{row[p.name]['mIoU']:.2f}" if row[p.name] else "" for p in protocols])
+        for metric in TABLE_METRICS:
+            writer.writerow([row["result"], metric] + [cell(row[p.name], metric, ".2f", "") for p in protocols])
     return buffer.getvalue()
 
 
@@ -159,6 +172,6 @@ def write_tables(folder: str, protocols: Sequence[Protocol], results: Dict) -> s
     atomic_write(os.path.join(folder, "table.csv"), lambda f: f.write(csv_table(protocols, rows)), mode="w")
     atomic_write(os.path.join(folder, "table.json"), lambda f: json.dump(document, f, indent=2), mode="w")
     note = f"\n(not evaluated: {', '.join(missing)})" if missing else ""
-    logger.info(f"mIoU on the benchmarks (tables in {folder}):\n{markdown}{note}")
+    logger.info(f"mIoU on the benchmarks ({PAPER_MIOU}: the papers' convention; tables in {folder}):\n{markdown}{note}")
     print(markdown + note)
     return markdown
