@@ -1,7 +1,7 @@
 """Inference speed / memory table for CAT-Seg (B) and (L) at several vocabulary sizes.
 
-Protocol: random weights at the real B / L sizes (v1, and CVPR'24 as CVPR24-B / CVPR24-L), one synthetic 512x683 image, the official
-evaluation protocol (sliding window, POOLING_SIZES [1, 1]), 2 threads. Text encoding is excluded
+Protocol: random weights at the real B / L sizes (v1, and CVPR'24 as CVPR24-B / CVPR24-L), one synthetic 512x683 image,
+the official evaluation protocol (sliding window, POOLING_SIZES [1, 1]), 2 threads. Text encoding is excluded
 from the timing: random unit-norm text features (T, P, C) are put in the predictor's cache; the
 cost of encoding is measured separately (seconds per class, all templates, empty text cache).
 
@@ -155,9 +155,11 @@ def worker(args) -> dict:
                 cpu.append(time.process_time() - start_cpu)
                 stages.append(stage_seconds(timer.totals, times[-1]))
     median = statistics.median(times)
-    stage = stages[times.index(median)] if len(times) % 2 else {k: statistics.median(s[k] for s in stages) for k in STAGES}
+    stage = (stages[times.index(median)] if len(times) % 2
+             else {k: statistics.median(s[k] for s in stages) for k in STAGES})
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else peak_rss_gib()
-    return {"seconds": median, "all_seconds": times, "cpu_seconds": statistics.median(cpu), "peak_gib": peak, "weights_rss_gib": rss_model, "stages": stage}
+    return {"seconds": median, "all_seconds": times, "cpu_seconds": statistics.median(cpu), "peak_gib": peak,
+            "weights_rss_gib": rss_model, "stages": stage}
 
 
 def peak_rss_gib() -> float:
@@ -198,10 +200,12 @@ def table(results) -> str:
     base = {(r["model"], r["K"]): r for r in results if r["version"] == results[0]["version"] and "seconds" in r}
     for r in results:
         if "seconds" not in r:
-            rows.append(f"| {r['model']} | {r['K']} | {r['version']} | {r['error']} | | | " + " | " * len(STAGES) + " |")
+            rows.append(f"| {r['model']} | {r['K']} | {r['version']} | {r['error']} | | | "
+                        + " | " * len(STAGES) + " |")
             continue
         ref = base.get((r["model"], r["K"]))
-        speedup = f"{ref['seconds'] / r['seconds']:.2f}x (CPU {ref['cpu_seconds'] / r['cpu_seconds']:.2f}x)" if ref else "-"
+        speedup = (f"{ref['seconds'] / r['seconds']:.2f}x (CPU {ref['cpu_seconds'] / r['cpu_seconds']:.2f}x)"
+                   if ref else "-")
         rows.append(f"| {r['model']} | {r['K']} | {r['version']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
                     f"{r['peak_gib']:.2f} | "
                     + " | ".join(f"{r['stages'][s]:.2f}" for s in STAGES) + f" | {speedup} |")
@@ -226,7 +230,8 @@ def slopes(results, key: str = "seconds") -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repo", action="append", default=[], help="name=PATH of a checkout (repeatable); default current=.")
+    p.add_argument("--repo", action="append", default=[],
+                   help="name=PATH of a checkout (repeatable); default current=.")
     p.add_argument("--models", nargs="+", default=["B", "L", "CVPR24-B", "CVPR24-L"], choices=list(MODELS))
     p.add_argument("--classes", nargs="+", type=int, default=[20, 59, 150, 459, 847])
     p.add_argument("--repeats", type=int, default=3, help="timed runs for K <= --many-classes (median reported)")
@@ -235,7 +240,8 @@ def main():
                    help="run the first --repo only up to this K (0: always), e.g. a baseline that cannot fit large K")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--memory-limit-gib", type=float, default=14.0, help="address-space cap per CPU configuration (0: none)")
+    p.add_argument("--memory-limit-gib", type=float, default=14.0,
+                   help="address-space cap per CPU configuration (0: none)")
     p.add_argument("--text-classes", type=int, default=1, help="classes encoded to time text encoding (0: skip)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--opts", nargs="*", default=[], help="extra config overrides KEY VALUE ...")
@@ -255,7 +261,8 @@ def main():
                 if j == 0 and len(repos) > 1 and 0 < args.reference_max_classes < k:
                     continue
                 repeats = args.repeats if k <= args.many_classes else 1
-                r = {"model": model, "K": k, "version": name, **run_config(args, str(Path(path).resolve()), model, k, repeats)}
+                r = {"model": model, "K": k, "version": name,
+                     **run_config(args, str(Path(path).resolve()), model, k, repeats)}
                 print(json.dumps(r), flush=True)
                 results.append(r)
     text = {}

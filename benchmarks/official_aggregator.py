@@ -1,4 +1,4 @@
-"""Official CAT-Seg aggregator (v1 and CVPR'24) against ours: same weights, same inputs, output difference, time, peak RSS.
+"""Official CAT-Seg aggregator (v1, CVPR'24) against ours: same weights, same inputs, output difference, time, peak RSS.
 
 The official code is NOT part of this repository and is never copied into it. Get it yourself
 and pass its root (the directory that contains `cat_seg/`):
@@ -80,7 +80,8 @@ def setup(args) -> dict:
     h, w = agg.layers[0].swin_block.block_1.resolution
     width = model.sem_seg_head.predictor.clip_model.text_projection.shape[-1]
     g = torch.Generator().manual_seed(0)
-    guidance_dims = [agg.guidance_projection[0].in_channels] + [p[0].in_channels for p in agg.decoder_guidance_projection]
+    guidance_dims = ([agg.guidance_projection[0].in_channels]
+                     + [p[0].in_channels for p in agg.decoder_guidance_projection])
     inputs = {
         "img_feats": torch.randn(args.views, width, h, w, generator=g),
         "text": torch.nn.functional.normalize(
@@ -165,7 +166,8 @@ def table(rows) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--official", required=True, help="root of an official CAT-Seg checkout (contains cat_seg/)")
-    p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="our repository (default: this one)")
+    p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
+                   help="our repository (default: this one)")
     p.add_argument("--models", nargs="+", default=["B", "L"], choices=list(MODELS))
     p.add_argument("--classes", nargs="+", type=int, default=[150])
     p.add_argument("--views", type=int, default=5, help="batch of views (sliding window: 4 crops + 1 global view)")

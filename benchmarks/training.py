@@ -325,7 +325,8 @@ def against_official(rows):
     ref = {r["model"]: r for r in rows if r["variant"] == "official" and "seconds" in r}
     for r in rows:
         o = ref.get(r["model"]) if "seconds" in r else None
-        yield r, (f"{o['seconds'] / r['seconds']:.2f}x" if o else "-"), (f"{r['peak_gib'] / o['peak_gib']:.2f}" if o else "-")
+        yield (r, (f"{o['seconds'] / r['seconds']:.2f}x" if o else "-"),
+               (f"{r['peak_gib'] / o['peak_gib']:.2f}" if o else "-"))
 
 
 def step_table(rows) -> str:
@@ -345,8 +346,8 @@ def step_table(rows) -> str:
 
 def aggregator_table(rows) -> str:
     lines = ["| model | variant | s (fwd + bwd) | forward | backward | peak GiB | before GiB | "
-             + " | ".join(f"{p} fwd / bwd" for p in PARTS) + " | max grad diff (max grad); worst relative | speed vs official | "
-             "memory vs official |",
+             + " | ".join(f"{p} fwd / bwd" for p in PARTS) + " | max grad diff (max grad); worst relative | "
+             "speed vs official | memory vs official |",
              "|---|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|"]
     for r, speed, memory in against_official(rows):
         if "seconds" not in r:
@@ -364,7 +365,8 @@ def aggregator_table(rows) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--official", default="", help="root of an official CAT-Seg checkout (contains cat_seg/)")
-    p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="our repository (default: this one)")
+    p.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]),
+                   help="our repository (default: this one)")
     p.add_argument("--models", nargs="+", default=["B", "L", "CVPR24-B", "CVPR24-L"], choices=list(MODELS))
     p.add_argument("--scopes", nargs="+", default=["aggregator", "step", "float64"], choices=[*VARIANTS, "float64"],
                    help="float64: the gradient check, with --official")
@@ -377,7 +379,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="timed steps after one warm-up step (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--memory-limit-gib", type=float, default=22.0, help="address-space cap per CPU configuration (0: none)")
+    p.add_argument("--memory-limit-gib", type=float, default=22.0,
+                   help="address-space cap per CPU configuration (0: none)")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--opts", nargs="*", default=[], help="extra config overrides of our model KEY VALUE ...")
     p.add_argument("--float64-classes", type=int, default=24, help="classes of the float64 gradient check")
@@ -405,7 +408,8 @@ def main():
                 grads = {v: str(Path(tmp) / f"grads-{model}-{v}.pt") for v in variants}
                 for v in variants:
                     r = {"model": model, "variant": v, **run(args, scope, model, v, grads[v])}
-                    if scope == "aggregator" and v != "official" and "seconds" in r and Path(grads.get("official", "")).is_file():
+                    if (scope == "aggregator" and v != "official" and "seconds" in r
+                            and Path(grads.get("official", "")).is_file()):
                         r.update(gradient_difference(Path(grads["official"]), Path(grads[v])))
                     print(json.dumps({"scope": scope, **r}), flush=True)
                     results[scope].append(r)
@@ -429,7 +433,8 @@ def main():
                 continue
             print(f"- {model}: output {r['output_rel']:.1e}, worst of {r['gradients']} gradients "
                   f"{r['grad_rel']:.1e} ({r['grad_rel_name']}), relative to each gradient's largest element; "
-                  f"the {r['key_biases']} spatial key biases (exactly zero in exact arithmetic): |difference| {r['key_bias_abs']:.1e}, "
+                  f"the {r['key_biases']} spatial key biases (exactly zero in exact arithmetic): "
+                  f"|difference| {r['key_bias_abs']:.1e}, "
                   f"|gradient| {r['key_bias_max']:.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

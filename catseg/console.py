@@ -64,7 +64,8 @@ def setup_logging(output_dir: Optional[str], rank: int = 0) -> logging.Logger:
         logger = setup_logger(output_dir, distributed_rank=rank, name=name, color=color,
                               abbrev_name="d2" if name == "detectron2" else name)
         for handler in logger.handlers:
-            is_console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)  # (the log file's is a stream too)
+            # (the log file's is a stream too)
+            is_console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
             if is_console and not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
                 handler.addFilter(_ConsoleFilter())
     return logging.getLogger("detectron2")

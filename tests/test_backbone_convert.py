@@ -110,7 +110,8 @@ def test_timm_safetensors_loads(tmp_path, caplog, d2_swin_b, timm_swin):
     save_file({k: v.contiguous() for k, v in timm_swin.state_dict().items()}, str(path))
     log = load_into(scrambled(d2_swin_b), path, caplog)
     assert "(timm Swin layout)" in log and "missing (in the model" not in log
-    assert_holds(d2_swin_b, {k: v for k, v in swin_from_timm(timm_swin.state_dict()).items() if k in d2_swin_b.state_dict()})
+    assert_holds(d2_swin_b, {k: v for k, v in swin_from_timm(timm_swin.state_dict()).items()
+                             if k in d2_swin_b.state_dict()})
 
 
 def test_official_swin_pkl_loads(tmp_path, caplog, d2_swin_b, timm_swin):
@@ -181,7 +182,8 @@ def test_official_r101_pkl_loads(tmp_path, caplog, d2_r101, torchvision_r101):
     check_pkl_loads(tmp_path / "R-101.pkl", state, "torchvision", d2_r101, "detectron2 ResNet layout", caplog)
 
 
-@pytest.mark.parametrize("config,prefix", [("backbones/tiny/vit.yaml", "vit."), ("backbones/tiny/twins_svt.yaml", "twins.")])
+@pytest.mark.parametrize("config,prefix", [("backbones/tiny/vit.yaml", "vit."),
+                                           ("backbones/tiny/twins_svt.yaml", "twins.")])
 def test_timm_layout_of_wrapped_backbones_loads(tmp_path, caplog, config, prefix):
     """D2ViT / D2Twins: a checkpoint of the timm network alone (its own keys) loads under the prefix."""
     torch.manual_seed(0)

@@ -44,7 +44,8 @@ def test_torchvision_offline_message_names_url_and_cache_path(tmp_path, monkeypa
 
 
 def test_official_backbone_file_names_get_a_hint(tmp_path):
-    with pytest.raises(PretrainedWeightsError, match="MODEL.BACKBONE.PRETRAINED timm:swin_base_patch4_window12_384.ms_in22k"):
+    with pytest.raises(PretrainedWeightsError,
+                       match="MODEL.BACKBONE.PRETRAINED timm:swin_base_patch4_window12_384.ms_in22k"):
         check_weights_file("swin_base_patch4_window12_384_22k.pkl")
     with pytest.raises(PretrainedWeightsError, match=r"weights file nothing.pth not found \(MODEL.WEIGHTS\)$"):
         check_weights_file("nothing.pth")

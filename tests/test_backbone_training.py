@@ -33,7 +33,8 @@ def test_trains_and_evaluates(name, data, tmp_path):
                        SOLVER__CHECKPOINT_PERIOD=1000)
     torch.manual_seed(0)
     trainer = CATSegTrainer(cfg)
-    assert type(trainer.model.backbone).__name__ == {"vit": "D2ViT", "cluster": "D2ClusterBackbone"}.get(name, "D2Twins")
+    assert (type(trainer.model.backbone).__name__
+            == {"vit": "D2ViT", "cluster": "D2ClusterBackbone"}.get(name, "D2Twins"))
     trainer.resume_or_load(resume=False)
     trainer.train()
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]

@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from catseg.weights.checkpointer import CATSegCheckpointer, CheckpointMismatchError, CheckpointReleaseError, format_mismatch_report
+from catseg.weights.checkpointer import (CATSegCheckpointer, CheckpointMismatchError, CheckpointReleaseError,
+                                         format_mismatch_report)
 from helpers import make_model
 
 

@@ -48,7 +48,9 @@ def train_two_steps(config, opts):
 # CVPR'24 in one chunk: over several, its weights differ by up to 4e-6 in a few elements whose
 # gradients nearly cancel, which Adam's first steps move by a sizeable fraction of the lr
 # whatever the rounding (see test_train_parity.py); its gradients agree.
-@pytest.mark.parametrize("config, opts, chunk", [("tiny.yaml", CHUNKED, 5), ("cvpr24/tiny_b.yaml", CHECKPOINT + ["MODEL.SEM_SEG_HEAD.CLASS_CHUNK_SIZE", "12"], 12)])
+@pytest.mark.parametrize("config, opts, chunk", [
+    ("tiny.yaml", CHUNKED, 5),
+    ("cvpr24/tiny_b.yaml", CHECKPOINT + ["MODEL.SEM_SEG_HEAD.CLASS_CHUNK_SIZE", "12"], 12)])
 def test_checkpointed_training_gives_the_same_weights(config, opts, chunk):
     plain_state, plain_losses, plain_saved, plain_chunk = train_two_steps(config, [])
     ckpt_state, ckpt_losses, ckpt_saved, ckpt_chunk = train_two_steps(config, opts)

@@ -22,7 +22,8 @@ def test_release_in_the_file_presets_its_keys(tmp_path, release):
 
 
 def test_preset_keys_stay_overridable(tmp_path):
-    path = write(tmp_path, "_BASE_: tiny.yaml\nMODEL:\n  RELEASE: cvpr24\n  SEM_SEG_HEAD:\n    TEXT_SYNONYMS: average\n")
+    path = write(tmp_path, "_BASE_: tiny.yaml\nMODEL:\n  RELEASE: cvpr24\n  SEM_SEG_HEAD:\n"
+                           "    TEXT_SYNONYMS: average\n")
     cfg = load_config(path, ["MODEL.SEM_SEG_HEAD.CLASS_PAD_LENGTH", "64"])
     head = cfg.MODEL.SEM_SEG_HEAD
     assert head.TEXT_SYNONYMS == "average" and head.CLASS_PAD_LENGTH == 64  # the file and the override win

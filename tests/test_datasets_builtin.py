@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 TABLE = {  # name: (label folder, ignore, number of dataset classes, prepare script)
     "coco_2017_train_stuff_all_sem_seg": ("coco/annotations_detectron2/train2017", 255, 171, "prepare_coco_stuff.py"),
     "coco_2017_test_stuff_all_sem_seg": ("coco/annotations_detectron2/val2017", 255, 171, "prepare_coco_stuff.py"),
-    "ade20k_150_test_sem_seg": ("ADEChallengeData2016/annotations_detectron2/validation", 255, 150, "prepare_ade150.py"),
-    "ade20k_full_sem_seg_freq_val_all": ("ADE20K_2021_17_01/annotations_detectron2/validation", 65535, 847, "prepare_ade847.py"),
+    "ade20k_150_test_sem_seg": ("ADEChallengeData2016/annotations_detectron2/validation", 255, 150,
+                                "prepare_ade150.py"),
+    "ade20k_full_sem_seg_freq_val_all": ("ADE20K_2021_17_01/annotations_detectron2/validation", 65535, 847,
+                                         "prepare_ade847.py"),
     "context_59_test_sem_seg": ("VOCdevkit/VOC2010/annotations_detectron2/pc59_val", 255, 59, "prepare_pc59.py"),
     "context_459_test_sem_seg": ("VOCdevkit/VOC2010/annotations_detectron2/pc459_val", 459, 459, "prepare_pc459.py"),
     "voc_2012_test_sem_seg": ("VOCdevkit/VOC2012/annotations_detectron2/val", 255, 20, "prepare_voc.py"),

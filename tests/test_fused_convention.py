@@ -25,7 +25,8 @@ def test_every_fast_path_has_a_plain_twin_with_its_signature():
                                              "ClassTransformerLayer", "Up", "AttentionLayer", "DenseCLIPEncoder",
                                              "FusedWindowAttention"}
     for cls in classes:
-        fused, plain, forward = (inspect.signature(getattr(cls, n)) for n in ("forward_fused", "forward_plain", "forward"))
+        fused, plain, forward = (inspect.signature(getattr(cls, n))
+                                 for n in ("forward_fused", "forward_plain", "forward"))
         assert list(fused.parameters) == list(plain.parameters) == list(forward.parameters), cls.__name__
 
 

@@ -196,7 +196,8 @@ def test_norm_qkv_attention(masked):
     norm = layer_norm(c, 1)
     x, w, b = randn(n, nw, length, c), randn(3 * c, c, seed=2), randn(3 * c, seed=3)
     term = randn(2, nw, length, 2 * c, seed=4)
-    masks = torch.zeros(nw, length, length).masked_fill(torch.rand(nw, length, length) < 0.3, -100.0) if masked else None
+    masks = (torch.zeros(nw, length, length).masked_fill(torch.rand(nw, length, length) < 0.3, -100.0)
+             if masked else None)
     scale = d ** -0.5
 
     def plain(x, nw_, nb_, w, b, term):

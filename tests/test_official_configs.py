@@ -29,7 +29,8 @@ EVAL_SH = {"ade150": ("ade150", "ade20k_150_test_sem_seg"), "ade847": ("ade847",
 NO_EFFECT = {
     "CUDNN_BENCHMARK": "cuDNN algorithm search: speed only",
     "DATALOADER.NUM_WORKERS": "loader processes: speed only",
-    "MODEL.SEM_SEG_HEAD.IN_FEATURES": "read neither by catseg nor by the official head (the head takes the backbone's OUT_FEATURES)",
+    "MODEL.SEM_SEG_HEAD.IN_FEATURES": ("read neither by catseg nor by the official head "
+                                       "(the head takes the backbone's OUT_FEATURES)"),
     "MODEL.WEIGHTS": "initial weights: the official backbone .pkl vs MODEL.BACKBONE.PRETRAINED (same ImageNet weights)",
     "MODEL.BACKBONE.PRETRAINED": "catseg's name of the ImageNet weights the official files give in MODEL.WEIGHTS",
 }
@@ -62,7 +63,8 @@ def effects(cfg, training: bool):
     out = {"test classes": load_class_names(head.TEST_CLASS_JSON),
            "inference pooling": list(cfg.TEST.POOLING_SIZES or head.POOLING_SIZES)}
     if training:
-        out.update({"train classes": load_class_names(head.TRAIN_CLASS_JSON), "train pooling": list(head.POOLING_SIZES)})
+        out.update({"train classes": load_class_names(head.TRAIN_CLASS_JSON),
+                    "train pooling": list(head.POOLING_SIZES)})
     return out
 
 

@@ -108,7 +108,8 @@ def test_class_list_mistakes_are_one_line(own_data, mistake):
     assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "iter:" not in out and "Model" not in out
-    expected = {"train list left out": "datasets/quickstart/classes.json", "test list differs": "voc20.json (20 classes",
+    expected = {"train list left out": "datasets/quickstart/classes.json",
+                "test list differs": "voc20.json (20 classes",
                 "dataset list differs": "three.json (3 classes"}[mistake]
     assert expected in errors[0] and "mydata/classes.json (4 classes: red square" in errors[0]
 

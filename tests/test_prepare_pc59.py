@@ -42,7 +42,8 @@ def test_pc59_painting_order_pixels_and_loading(tmp_path, builtin_root):
     annos.append({"image_id": 2, "category_id": 2, "segmentation": rle(np.ones((4, 4)))})
     (voc / "trainval_merged.json").write_text(json.dumps({"images": images, "annos_segmentation": annos}))
     for img in images:
-        Image.fromarray(np.zeros((img["height"], img["width"], 3), np.uint8)).save(voc / "JPEGImages" / img["file_name"])
+        Image.fromarray(np.zeros((img["height"], img["width"], 3), np.uint8)).save(
+            voc / "JPEGImages" / img["file_name"])
 
     assert prepare_pc59.main(["--root", str(tmp_path), "--expected", "2"]) == 0
     out = voc / "annotations_detectron2/pc59_val"

@@ -59,7 +59,8 @@ def test_categories(built):
     clip = "sem_seg_head.predictor.clip_model."
     agg = "sem_seg_head.predictor.transformer."
     # CLIP attention: lr 2e-6, decay 1e-4; positional_embedding keeps decay.
-    assert groups[clip + "visual.transformer.resblocks.0.attn.in_proj_weight"] == pytest.approx({"lr": 2e-6, "weight_decay": 1e-4})
+    assert (groups[clip + "visual.transformer.resblocks.0.attn.in_proj_weight"]
+            == pytest.approx({"lr": 2e-6, "weight_decay": 1e-4}))
     assert groups[clip + "visual.positional_embedding"] == pytest.approx({"lr": 2e-6, "weight_decay": 1e-4})
     # CLIP MLP and the whole text tower are frozen (CLIP_FINETUNE attention).
     assert clip + "visual.transformer.resblocks.0.mlp.c_fc.weight" not in groups

@@ -45,7 +45,8 @@ def mistakes(tmp: Path):
     """(name, config file, overrides, text the error line must contain) per start-up mistake."""
     tiny = "configs/tiny.yaml"
     return [
-        ("missing weights", tiny, ["MODEL.WEIGHTS", str(tmp / "none.pth")], f"weights file {tmp / 'none.pth'} not found"),
+        ("missing weights", tiny, ["MODEL.WEIGHTS", str(tmp / "none.pth")],
+         f"weights file {tmp / 'none.pth'} not found"),
         ("corrupt weights", tiny, ["MODEL.WEIGHTS", str(tmp / "corrupt.pth")],
          f"weights file {tmp / 'corrupt.pth'} is not a readable checkpoint"),
         ("key typo", tiny, ["MODEL.SEM_SEG_HEAD.NUM_LAYER", "2"],
@@ -126,7 +127,8 @@ def test_predictor_raises_specific_errors(bad_files):
 
 def test_key_typo_in_file_and_wrong_value_type(tmp_path):
     (tmp_path / "typo.yaml").write_text("_BASE_: tiny.yaml\nSOLVER:\n  BASE_LRR: 0.1\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR\b"):
+    with pytest.raises(ConfigError,
+                       match=r"typo.yaml: unknown config key SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR\b"):
         load_config(tmp_path / "typo.yaml")
     with pytest.raises(ConfigError, match="Type mismatch"):
         load_config(REPO / "configs" / "tiny.yaml", ["SOLVER.MAX_ITER", "'many'"])

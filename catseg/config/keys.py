@@ -98,7 +98,7 @@ def add_catseg_config(cfg):
 
     # ---------------------------------------------------------------- Cluster guidance backbone (D2ClusterBackbone)
     cfg.MODEL.CLUSTER = CN()
-    cfg.MODEL.CLUSTER.VARIANT = "cluster_tiny"  # "cluster_tiny" or "cluster_small" (catseg/modeling/backbone/cluster.py)
+    cfg.MODEL.CLUSTER.VARIANT = "cluster_tiny"  # "cluster_tiny"/"cluster_small" (catseg/modeling/backbone/cluster.py)
     cfg.MODEL.CLUSTER.WEIGHTS = ""  # local checkpoint in the native key layout (manifests/*.tsv)
     cfg.MODEL.CLUSTER.EMBED_DIMS = []  # channels per stage ([]: the variant's)
     cfg.MODEL.CLUSTER.DEPTHS = []  # ClusterBlocks per stage ([]: the variant's)
@@ -120,15 +120,15 @@ def add_catseg_config(cfg):
     head.CLIP_RESOLUTION = ()  # (h, w) CLIP input; empty: 384x384 for ViT-B/16, 336x336 otherwise
     head.CLIP_PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]  # CLIP normalisation mean (RGB, 0-255)
     head.CLIP_PIXEL_STD = [68.5005327, 66.6321579, 70.3231630]  # CLIP normalisation std (RGB, 0-255)
-    head.CLIP_FINETUNE = "attention"  # trainable CLIP part: "attention"/"full" (v1), "qv"/"blocks" (CVPR'24), "prompt", "none"
-    head.CLIP_DENSE_BLOCK = "v1"  # last vision block of the dense pass: "v1" (x + value) or "cvpr24" (class-token residual)
+    head.CLIP_FINETUNE = "attention"  # CLIP tuning: "attention"/"full" (v1), "qv"/"blocks" (CVPR'24), "prompt", "none"
+    head.CLIP_DENSE_BLOCK = "v1"  # dense pass's last vision block: "v1" (x + value) or "cvpr24" (class-token residual)
     head.CLIP_ATTN_WEIGHTS = "packed"  # CLIP attention weights: "packed" in_proj_weight (v1) or "split" q/k/v (CVPR'24)
     head.GUIDANCE_SOURCE = "backbone"  # guidance maps: "backbone" (MODEL.BACKBONE, v1) or "clip" (CLIP blocks, CVPR'24)
-    head.CLIP_GUIDANCE_BLOCKS = []  # GUIDANCE_SOURCE "clip": 0-based vision blocks ([]: [3, 7] for ViT-B/16, else [7, 15])
+    head.CLIP_GUIDANCE_BLOCKS = []  # GUIDANCE_SOURCE "clip": 0-based vision blocks ([]: ViT-B/16 [3, 7], else [7, 15])
     head.PROMPT_DEPTH = 0  # visual prompt tuning: number of blocks that get prompts
     head.PROMPT_LENGTH = 0  # visual prompt tuning: prompt tokens per block
     head.PROMPT_ENSEMBLE_TYPE = "imagenet"  # text templates: "imagenet" (80), "imagenet_select" (8), "single", "name"
-    head.TEXT_SYNONYMS = "average"  # "sky, heaven": "average" the synonyms' embeddings (v1) or use the "first" (CVPR'24)
+    head.TEXT_SYNONYMS = "average"  # "sky, heaven": "average" the synonym embeddings (v1) or use the "first" (CVPR'24)
     head.TEXT_CACHE_DIR = ""  # on-disk text-embedding cache ("" : $CATSEG_CACHE or ~/.cache/catseg)
     head.TEXT_CACHE = True  # keep text embeddings on disk under TEXT_CACHE_DIR (catseg/modeling/text.py)
     head.TEXT_GUIDANCE_DIM = 0  # CLIP embedding size (text guidance input; 0: derived, else must match)
@@ -149,11 +149,14 @@ def add_catseg_config(cfg):
     head.MEMORY_BUDGET_MB = 1024  # activation budget (MB) that sizes the class / position chunks at inference
     # (and the class chunks of training, which are recomputed one at a time with CHECKPOINT_ACTIVATIONS)
     # spatial blocks and decoder run over class chunks sized by MEMORY_BUDGET_MB
-    head.CHECKPOINT_ACTIVATIONS = False  # training: recompute aggregator layers / decoder in backward (exact, less memory)
-    head.CLASS_PAD_LENGTH = 0  # CVPR'24 (256): pad the class attention to this many classes, keep the best this many above it
+    # CHECKPOINT_ACTIVATIONS: exact, less memory.
+    head.CHECKPOINT_ACTIVATIONS = False  # training: recompute aggregator layers / decoder in backward
+    # CLASS_PAD_LENGTH: above this many classes, keep the best this many.
+    head.CLASS_PAD_LENGTH = 0  # CVPR'24 (256): pad the class attention to this many classes
     head.CPU_CHUNK_MB = 96  # on CPU, chunks also stay under this many MB (cache- and allocator-friendly; 0: off)
 
-    # ---------------------------------------------------------------- SAM-refined mode (front door; catseg/app/sam_refine.py)
+    # ---------------------------------------------------------------- SAM-refined mode
+    # (front door; catseg/app/sam_refine.py)
     cfg.MODEL.SAM = CN()
     cfg.MODEL.SAM.WEIGHTS = ""  # local Segment Anything checkpoint for the SAM-refined mode (--refine sam)
     cfg.MODEL.SAM.TYPE = "vit_h"  # its architecture: "vit_h", "vit_l" or "vit_b" (segment-anything's registry)
@@ -179,5 +182,6 @@ def add_catseg_config(cfg):
     cfg.DATASETS.VAL_ALL = ()  # accepted only: declared but read by no official code path
     head.TRAIN_CLASS_INDEXES = ""  # accepted only: official zero-shot split file, read by no official code path
     head.TEST_CLASS_INDEXES = ""  # accepted only: official zero-shot split file, read by no official code path
-    # Guidance-backbone initialisation for training from scratch (catseg/weights/pretrained.py).
-    cfg.MODEL.BACKBONE.PRETRAINED = ""  # "timm:ARCH.TAG", "torchvision:ARCH.WEIGHTS" or a local file; used when MODEL.WEIGHTS is "" and nothing is resumed
+    # Guidance-backbone initialisation for training from scratch (catseg/weights/pretrained.py),
+    # used when MODEL.WEIGHTS is "" and nothing is resumed.
+    cfg.MODEL.BACKBONE.PRETRAINED = ""  # "timm:ARCH.TAG", "torchvision:ARCH.WEIGHTS" or a local file

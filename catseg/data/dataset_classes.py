@@ -65,7 +65,8 @@ def resolve_class_list(cfg, key: str, datasets: Sequence[str], check: bool = Tru
     for dataset, (source, dataset_names) in lists if check else []:
         if dataset_names != names:
             raise ClassListError(f"MODEL.SEM_SEG_HEAD.{key} {_describe(spec, names)} differs from the class "
-                                 f"list of dataset {dataset}{_use_dataset_hint(key, [(dataset, (source, dataset_names))])}")
+                                 f"list of dataset {dataset}"
+                                 f"{_use_dataset_hint(key, [(dataset, (source, dataset_names))])}")
     return names
 
 

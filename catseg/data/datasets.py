@@ -59,11 +59,14 @@ class Benchmark:
     dataset_classes: Optional[str] = None  # stuff_classes if not the prompts (VOC-20b)
 
 
-_COCO = "coco 2017 images (train2017.zip, val2017.zip) from cocodataset.org and stuffthingmaps_trainval2017.zip from github.com/nightrome/cocostuff"
+_COCO = ("coco 2017 images (train2017.zip, val2017.zip) from cocodataset.org and stuffthingmaps_trainval2017.zip "
+         "from github.com/nightrome/cocostuff")
 _ADE150 = "ADEChallengeData2016.zip from sceneparsing.csail.mit.edu"
 _ADE847 = "ADE20K_2021_17_01 from groups.csail.mit.edu/vision/datasets/ADE20K (registration required)"
-_PC = "VOCtrainval_03-May-2010.tar (host.robots.ox.ac.uk/pascal/VOC/voc2010) and the PASCAL-Context annotations from cs.stanford.edu/~roozbeh/pascal-context"
-_VOC = "VOCtrainval_11-May-2012.tar (host.robots.ox.ac.uk/pascal/VOC/voc2012) and SegmentationClassAug (SBD-augmented labels)"
+_PC = ("VOCtrainval_03-May-2010.tar (host.robots.ox.ac.uk/pascal/VOC/voc2010) and the PASCAL-Context annotations "
+       "from cs.stanford.edu/~roozbeh/pascal-context")
+_VOC = ("VOCtrainval_11-May-2012.tar (host.robots.ox.ac.uk/pascal/VOC/voc2012) and SegmentationClassAug "
+        "(SBD-augmented labels)")
 
 BENCHMARKS: Dict[str, Benchmark] = {
     "coco_2017_train_stuff_all_sem_seg": Benchmark(

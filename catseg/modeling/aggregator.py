@@ -371,7 +371,8 @@ class ClassTransformerLayer(nn.Module):
             self.padding_tokens = nn.Parameter(torch.zeros(1, 1, hidden_dim))
             self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim))
         self.attention = AttentionLayer(hidden_dim, guidance_dim, nheads=nheads, attention_type=attention_type)
-        self.MLP = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), nn.ReLU(), nn.Linear(4 * hidden_dim, hidden_dim))
+        self.MLP = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), nn.ReLU(),
+                                 nn.Linear(4 * hidden_dim, hidden_dim))
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.fused = True
@@ -383,7 +384,8 @@ class ClassTransformerLayer(nn.Module):
         """The fused path handles padding through linear attention's rank-1 term only."""
         return self.fused and (self.num_padding(classes) == 0 or self.attention.attention_type == "linear")
 
-    def transform(self, x: torch.Tensor, guidance: Optional[torch.Tensor], extra: Optional[ExtraTokens]) -> torch.Tensor:
+    def transform(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+                  extra: Optional[ExtraTokens]) -> torch.Tensor:
         """Fused pre-norm attention + MLP, both residual. x: (B, M, T, C); guidance: (B, 1, T, G) or None."""
         fc1, _, fc2 = self.MLP
         x = x + self.attention.forward_fused(self.norm1(x), guidance, extra)

@@ -65,7 +65,8 @@ class CLIPBlockGuidance(nn.Module):
         self.upsample2 = nn.ConvTranspose2d(width, decoder_dims[1], kernel_size=4, stride=4)
         self.channels = [embed_dim, *decoder_dims]
 
-    def forward(self, clip_features: Dict[str, torch.Tensor], image: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    def forward(self, clip_features: Dict[str, torch.Tensor],
+                image: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """clip_features: DenseCLIPEncoder output with "dense" (B, C, h, w) and the two blocks
         (B, W, h, w). Returns [(B, C, h, w), (B, D0, 2h, 2w), (B, D1, 4h, 4w)]."""
         earlier, later = (clip_features[f"block{i}"] for i in self.clip_blocks)
