@@ -585,6 +585,9 @@ class Up(nn.Module):
         return PreActivation(conv_after(PreActivation(y, norm1), conv2.weight, conv2.bias, padding=1), norm2)
 
 
+UNSELECTED_LOGIT = -100.0  # the logit of every class a view does not keep (CLASS_PAD_LENGTH)
+
+
 def select_classes(img_feats: torch.Tensor, text_feats: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Indices (B, k), ascending, of each image's k classes of highest cost: the maximum over
     templates and positions of the cosine of L2-normalised image features (B, C, H, W) and
@@ -602,7 +605,7 @@ class Aggregator(nn.Module):
 
     `pad_length` > 0 (CVPR'24): the class attention pads shorter class lists to it, and with
     more classes than that each image keeps only its `pad_length` best-scoring classes (see
-    `select_classes`); the others get logits of exactly -100.
+    `select_classes`); the others get logits of exactly `UNSELECTED_LOGIT`.
     """
 
     def __init__(
@@ -705,7 +708,7 @@ class Aggregator(nn.Module):
         keep = select_classes(img_feats, text_feats, self.pad_length, per_class)  # (B, pad_length)
         selected = text_feats.gather(1, keep[:, :, None, None].expand(-1, -1, *text_feats.shape[2:]))
         logits = self.aggregate(img_feats, selected, guidance)
-        out = logits.new_full((b, t, *logits.shape[2:]), -100.0)
+        out = logits.new_full((b, t, *logits.shape[2:]), UNSELECTED_LOGIT)
         return out.scatter(1, keep[:, :, None, None].expand_as(logits), logits)
 
     def aggregate(self, img_feats: torch.Tensor, text_feats: torch.Tensor, guidance: Sequence[torch.Tensor]):

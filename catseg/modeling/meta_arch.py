@@ -23,7 +23,8 @@ from einops import rearrange
 from torch import nn
 
 from ..padding import pad_to_multiple
-from .chunking import ChunkBudget, over_chunks, sliding_merge_bytes_per_class
+from .aggregator import UNSELECTED_LOGIT
+from .chunking import ChunkBudget, chunk_slices, over_chunks, sliding_merge_bytes_per_class
 from .clip import default_clip_resolution
 from .clip_encoder import DenseCLIPEncoder
 from .guidance import build_guidance
@@ -57,6 +58,13 @@ def merge_sliding_window(probs: torch.Tensor, kernel: int, stride: int, out_res:
     ones = torch.ones(1, 1, *out_res, dtype=probs.dtype, device=probs.device)
     count = F.fold(F.unfold(ones, kernel_size=kernel, stride=stride), out_res, kernel_size=kernel, stride=stride)
     return ((folded / count + resize(global_view, out_res)) / 2)[0]
+
+
+def unselected_classes(logits: torch.Tensor) -> torch.Tensor:
+    """(V, T, h, w) logits of one image's views -> (T,) bool: the classes no view selected
+    (`UNSELECTED_LOGIT` everywhere in every view). Resizing, folding and averaging a constant
+    map give the constant back, so such a class's output is sigmoid(UNSELECTED_LOGIT) everywhere."""
+    return (logits == UNSELECTED_LOGIT).flatten(2).all(-1).all(0)
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
@@ -118,7 +126,9 @@ class CATSeg(nn.Module):
         self.budget = budget or ChunkBudget()
         self.bf16 = bf16
         self.train_bf16 = train_bf16
-        self.fused = True  # training loss through `upsampled_bce` (False: `bce_loss`, the same value)
+        # fast paths: the training loss through `upsampled_bce` (plain: `bce_loss`, the same value);
+        # the sliding-window merge skips the classes no view selected (plain: merges them all)
+        self.fused = True
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
             self.register_buffer(name, torch.tensor(value).view(-1, 1, 1), persistent=False)
@@ -261,16 +271,25 @@ class CATSeg(nn.Module):
 
         Merging and post-processing are per class, so they run over class chunks sized by
         MEMORY_BUDGET_MB (and CPU_CHUNK_MB): only the (T, height, width) output is ever whole.
+        Fused (`fused`), a class no view selected (CVPR'24 above CLASS_PAD_LENGTH classes, see
+        `unselected_classes`) is not merged: its output is written as the constant.
         """
         k, stride, out_res = self.sliding_kernel, self.sliding_stride, self.sliding_out_res
         views = [sliding_window_views(x, k, stride, out_res) for x in images]
         logits = self.logits(torch.cat(views)).split([len(v) for v in views])
         outputs = []
         for lg, (h, w) in zip(logits, sizes):
-            def merge(s: slice) -> torch.Tensor:  # called right away, inside this iteration
+            def merge(s) -> torch.Tensor:  # s: a slice or index tensor of classes; called right away
                 probs = resize(lg[:, s], (k, k)).sigmoid()
                 return sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
-            chunk = self.budget.items(lg.shape[1], sliding_merge_bytes_per_class(len(lg), k, out_res, (h, w)),
-                                      lg.device)
-            outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
+            kept = (~unselected_classes(lg)).nonzero()[:, 0] if self.fused else None
+            total = lg.shape[1] if kept is None else len(kept)
+            chunk = self.budget.items(total, sliding_merge_bytes_per_class(len(lg), k, out_res, (h, w)), lg.device)
+            if kept is None or total == lg.shape[1]:
+                outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
+                continue
+            out = lg.new_full((lg.shape[1], h, w), lg.new_tensor(UNSELECTED_LOGIT).sigmoid().item())
+            for s in chunk_slices(total, chunk):
+                out.index_copy_(0, kept[s], merge(kept[s]))
+            outputs.append(out)
         return outputs
