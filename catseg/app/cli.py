@@ -80,11 +80,22 @@ def expand_inputs(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
         elif path.is_file():
             found = [path]
         else:
-            found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            found = glob_files(spec)
         if not found:
             unmatched.append(spec)
         files.extend(found)
     return list(dict.fromkeys(files)), unmatched
+
+
+def glob_files(spec: str) -> List[Path]:
+    """The files matching glob pattern `spec`, sorted. pathlib's glob: `**` does not descend
+    into symlinked folders, so a symlink loop cannot make it hang (glob.glob's does)."""
+    parts = Path(spec).parts
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    if first == len(parts):
+        return []
+    root = Path(*parts[:first]) if first else Path(".")
+    return sorted(p for p in root.glob(str(Path(*parts[first:]))) if p.is_file())
 
 
 def choose_vocabulary(args) -> Optional[List[str]]:
