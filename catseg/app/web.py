@@ -194,6 +194,7 @@ class WebDemo:
         legend = "Classes present: " + "; ".join(name for name, _ in rows)
         h, w = record["image_size"]
         status = f"Done: {w}x{h}, {len(vocabulary)} classes, {seconds:.2f} s."
+        print(f"request {out.name}: {status}", file=sys.stderr, flush=True)  # the server's log: one line a request
         return status, str(out / record["overlay"]), legend, rows, [str(out / record["label_map"]), str(out / f"{stem}.json")]
 
 
@@ -202,7 +203,7 @@ def build_page(app: WebDemo, random_weights: bool, cache_minutes: float = 10):
     import gradio as gr
 
     age = max(1, round(cache_minutes * 60))
-    with gr.Blocks(title="catseg: open-vocabulary segmentation", delete_cache=(max(1, age // 2), age)) as page:
+    with gr.Blocks(title="catseg: open-vocabulary segmentation", delete_cache=(max(1, age // 4), age)) as page:
         gr.Markdown("# catseg: segment an image with your own words")
         if random_weights:
             gr.Markdown(RANDOM_BANNER, elem_id="banner")
