@@ -41,7 +41,8 @@ def render_overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str]
     font = ImageFont.load_default(size=row - 4)
     more = len(present) - LEGEND_ROWS
     present = list(present[:LEGEND_ROWS - 1] if more > 0 else present)
-    texts = [f"{short_name(classes[i])}  {shares[i]:.1%}" for i in present] + ([f"+{more + 1} more"] if more > 0 else [])
+    texts = [f"{short_name(classes[i])}  {shares[i]:.1%}" for i in present]
+    texts += [f"+{more + 1} more"] if more > 0 else []
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max((int(measure.textlength(t, font=font)) for t in texts), default=0)
     pad = row // 2
