@@ -79,19 +79,30 @@ def output_path(out_dir: Path, name: str) -> Path:
     return path
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write `image` as a PNG at `path`, atomically (never a half-written file)."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
 def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, weights: str) -> dict:
-    """Write the overlay, label map and JSON of one result; returns the JSON dict."""
+    """Write the overlay, label map and JSON of one result; returns the JSON dict.
+
+    A failed write (full disk, quota, file-size limit, ...) removes this result's files written
+    so far and raises OutputError, one line: an image has all its files or none."""
+    written: List[Path] = []
+
+    def write(name: str, write_fn) -> None:
+        path = output_path(out_dir, name)
+        try:
+            atomic_write(path, write_fn)
+        except OSError as e:
+            for done in written:
+                done.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {display_path(path)}: {e.strerror or e}; "
+                              f"nothing of {display_path(source.name)} is left half-written") from None
+        written.append(path)
+
     labels = result.labels.numpy()
     dtype = np.uint8 if len(result.classes) <= 255 else np.uint16
-    save_png(Image.fromarray(labels.astype(dtype)), output_path(out_dir, f"{stem}_labels.png"))
+    write(f"{stem}_labels.png", lambda f: Image.fromarray(labels.astype(dtype)).save(f, format="PNG"))
     shares, present = result.pixel_shares(), result.present()
     overlay, _ = render_overlay(result.image, labels, result.classes, present, shares)
-    save_png(overlay, output_path(out_dir, f"{stem}_overlay.png"))
+    write(f"{stem}_overlay.png", lambda f: overlay.save(f, format="PNG"))
     record = {
         "schema": SCHEMA,
         "input": display_path(source),
@@ -107,7 +118,7 @@ def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, w
         "weights": weights,
     }
     text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(output_path(out_dir, f"{stem}.json"), lambda f: f.write(text.encode("utf-8")))
+    write(f"{stem}.json", lambda f: f.write(text.encode("utf-8")))
     return record
 
 

@@ -184,12 +184,12 @@ class WebDemo:
                 start = time.perf_counter()
                 result = predictor.predict(image_path, vocabulary)
                 seconds = time.perf_counter() - start
+            out = self.results.new()
+            stem = safe_stem(Path(image_path))
+            config, weights = self.models[choice]
+            record = write_outputs(result, Path(image_path), out, stem, config, weights)
         except (ImageReadError, EmptyVocabularyError, CatsegError, ValueError) as e:
             return f"Error: {str(e).replace(image_path, Path(image_path).name)}", None, "", [], []
-        out = self.results.new()
-        stem = safe_stem(Path(image_path))
-        config, weights = self.models[choice]
-        record = write_outputs(result, Path(image_path), out, stem, config, weights)
         rows = [[record["classes"][i]["name"], f"{record['classes'][i]['pixel_share']:.1%}"] for i in record["present"]]
         legend = "Classes present: " + "; ".join(name for name, _ in rows)
         h, w = record["image_size"]
