@@ -202,9 +202,9 @@ def warn_truncated(names: Sequence[str], context_length: int, notes: Sequence[st
     name, from `truncation_note`) say how."""
     for name, note in zip(names, list(notes) or [""] * len(names)):
         shown = name if len(name) <= 60 else name[:57] + "..."
-        how = f": {note}" if note else ": its prompts are truncated"
         warnings.warn(f"class name {shown!r} is longer than CLIP's {context_length}-token context "
-                      f"(with its prompt templates){how}", UserWarning, stacklevel=3)
+                      f"(with its prompt templates): its prompts are truncated{': ' + note if note else ''}",
+                      UserWarning, stacklevel=3)
 
 
 def class_text_embeddings(clip_model: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
