@@ -209,3 +209,18 @@ def test_class_names_are_text_never_markup(server, browser, tmp_path):
     assert not browser.find_elements(By.CSS_SELECTOR, "img[src='y']")
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text
+
+
+def test_oversized_upload_gives_a_message_and_the_page_keeps_serving(server, browser, tmp_path):
+    """Past --max-upload-mb (default 20) the page says so; the next image is segmented."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server)
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "run"))
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(os.urandom(21 * 2**20))
+    browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(huge))
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: 'exceed the maximum allowed size of 20.0 Mb: "huge.png"' in d.find_element(By.TAG_NAME, "body").text)
+    assert segment(browser, SAMPLE, "sky; sand").startswith("Done")
