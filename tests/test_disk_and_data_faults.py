@@ -4,7 +4,6 @@ custom training set, a NaN loss in training and the resume after it."""
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys

@@ -49,7 +49,6 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("gradio_client")
     tmp = tmp_path_factory.mktemp("web_load")
     port = free_port()
     (tmp / "gradio").mkdir()
