@@ -187,3 +187,40 @@ def test_upload_limits_give_a_message_and_the_server_keeps_serving(server, image
     assert status.startswith("Error: many_pixels.png: too many pixels: 2000x1500 = 3,000,000, over the limit of "
                              "2,000,000 (INPUT.MAX_IMAGE_PIXELS raises it)"), status
     assert segment(client, images / "small.png").result(timeout=WAIT_S)[0].startswith("Done")
+
+
+def test_concurrency_setting_lends_each_pass_its_own_predictor(tmp_path):
+    """--concurrency N: up to N predictors of a model, each running one request at a time; with
+    1 (the default) two requests at once share one predictor, one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catseg.app.web import WebDemo
+
+    sample = str(REPO / "demo" / "samples" / "beach.jpg")
+    models = {"tiny": (str(REPO / "configs" / "tiny.yaml"), "")}
+    for concurrency in (1, 2):
+        app = WebDemo(models, ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.TEXT_CACHE_DIR", str(tmp_path)],
+                      concurrency=concurrency, keep_results=1)
+        pool, running, overlap = app.pool("tiny"), [], []
+        build = pool.build
+
+        def counting_build():
+            predictor = build()
+            run = predictor.predict
+
+            def predict(*args, **kwargs):
+                running.append(predictor)
+                overlap.append(len(running))
+                time.sleep(0.5)  # both requests are in flight during this
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    running.remove(predictor)
+            predictor.predict = predict
+            return predictor
+        pool.build = counting_build
+        with ThreadPoolExecutor(2) as threads:
+            statuses = list(threads.map(lambda v: app.segment(sample, v, "", "tiny")[0], ["sky; sand", "sea; sky"]))
+        assert all(s.startswith("Done") for s in statuses), statuses
+        assert pool.built == concurrency and max(overlap) == concurrency
+        assert len(list(app.out_root.iterdir())) == max(1, concurrency)  # --keep-results, at least concurrency
