@@ -133,4 +133,4 @@ def test_cli_and_page_without_sam_weights_say_so(tmp_path, capsys):
     assert "error: the SAM mode needs SAM weights: set MODEL.SAM.WEIGHTS (or --sam-weights)" in capsys.readouterr().err
     page = WebDemo({"tiny": (str(REPO / "configs" / "tiny.yaml"), "")}, ["MODEL.DEVICE", "cpu"])
     status, overlay, *_ = page.segment(sample, "sky; sand", "", "tiny", sam=True)
-    assert status.startswith("**Error:** the SAM mode needs SAM weights") and overlay is None
+    assert status.startswith("Error: the SAM mode needs SAM weights") and overlay is None

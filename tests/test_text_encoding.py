@@ -93,3 +93,21 @@ def test_truncated_names_found_and_warned(tiny_clip):
     assert truncated_names(tokenizer, [long_name, "cat, " + near_limit], templates) == [long_name, "cat, " + near_limit]
     with pytest.warns(UserWarning, match=r"'word word .*\.\.\.' is longer than CLIP's 77-token context"):
         warn_truncated([long_name], 77)
+
+
+def test_truncation_warning_says_how(tiny_clip, tmp_path):
+    """One warning per too-long class, naming it and how it was cut: tokens dropped, where reading stops."""
+    import warnings
+
+    model, tokenizer = tiny_clip
+    templates = text.prompt_templates("imagenet")
+    long_name = " ".join(["word"] * 68) + " zebra giraffe"
+    note = text.truncation_note(tokenizer, long_name, templates)
+    assert "has 81 tokens and keeps the first 76 and an end token; 4 of the name's 70 tokens are dropped" in note
+    assert note.endswith('read up to "... word word word word word word word word"')  # zebra giraffe: cut
+    encoder = text.CachedTextEncoder(cache_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder(model, tokenizer, ["cat", long_name], templates)
+    ours = [str(w.message) for w in caught if "context" in str(w.message)]
+    assert len(ours) == 1 and "'word word word" in ours[0] and "4 of the name's 70 tokens are dropped" in ours[0]

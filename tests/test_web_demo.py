@@ -87,12 +87,19 @@ def segment(driver, file: Path, vocabulary: str):
     upload = driver.find_element(By.CSS_SELECTOR, "#image input[type=file]")
     upload.send_keys(str(file))
     wait.until(lambda d: file.stem in d.find_element(By.ID, "image").text)
-    wait.until(lambda d: d.find_element(By.ID, "status").text == "")  # a new image clears the last message
+    wait.until(lambda d: field(d, "status") == "")  # a new image clears the last message
     box = driver.find_element(By.CSS_SELECTOR, "#vocab textarea")
     box.clear()
     box.send_keys(vocabulary)
     driver.find_element(By.ID, "run").click()
-    return wait.until(lambda d: _finished(d.find_element(By.ID, "status").text))
+    return wait.until(lambda d: _finished(field(d, "status")))
+
+
+def field(driver, elem_id: str) -> str:
+    """The text shown in the plain-text box `elem_id` (status, legend)."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").get_attribute("value")
 
 
 def _finished(status: str):
@@ -137,7 +144,7 @@ def test_page_upload_vocabulary_overlay_legend_and_error(server, browser, tmp_pa
     assert status.startswith("Done"), status
     overlay = WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overlay img"))
     assert overlay[0].get_attribute("src")
-    legend = browser.find_element(By.ID, "legend").text
+    legend = field(browser, "legend")
     listed = legend.split(":", 1)[1].split(";")
     assert listed and all(name.strip() in ("sky", "sand", "sea") for name in listed), legend
     rows = browser.find_element(By.ID, "table").text
@@ -155,3 +162,65 @@ def test_page_upload_vocabulary_overlay_legend_and_error(server, browser, tmp_pa
     clear_upload(browser)
     status = segment(browser, SAMPLE, "sky; water")  # the server still serves
     assert status.startswith("Done"), status
+
+
+HOSTILE = "<img src=x onerror=alert(1)>; <b>sky</b>; a*b*c; sky_blue_water_"
+
+
+def test_class_names_are_text_never_markup(server, browser, tmp_path):
+    """A vocabulary of HTML and Markdown shows as typed in the legend, table, status line and
+    downloads; no element is injected and no script runs."""
+    import json
+    import urllib.request
+
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server)
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "run"))
+    names = [n.strip() for n in HOSTILE.split(";")]
+    status = segment(browser, SAMPLE, HOSTILE)
+    assert status.startswith("Done") and "4 classes" in status, status
+    legend = field(browser, "legend")
+    listed = [n.strip() for n in legend.split(":", 1)[1].split(";")]
+    assert listed and set(listed) <= set(names), legend  # literally, with < > * _ intact
+    table = WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "table").text)
+    assert all(name in table for name in listed), table
+    for area in ("legend", "table", "status"):
+        root = browser.find_element(By.ID, area)
+        assert not root.find_elements(By.CSS_SELECTOR, "img[src='x'], b, em, strong, i"), area
+    assert not browser.find_elements(By.CSS_SELECTOR, "img[src='x']")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a")]
+    json_link = next(h for h in links if h and h.split("?")[0].endswith(".json"))
+    assert json_link.startswith(server)
+    with urllib.request.urlopen(json_link, timeout=WAIT_S) as response:
+        record = json.loads(response.read().decode("utf-8"))
+    assert [c["name"] for c in record["classes"]] == names
+
+    marked_up = tmp_path / "<img src=y onerror=alert(2)>.png"  # the status line names the file as typed
+    marked_up.write_text("not an image")
+    clear_upload(browser)
+    status = segment(browser, marked_up, "sky")
+    # Gradio drops < > from uploaded file names; the rest shows as text
+    assert status.startswith("Error: img src=y onerror=alert(2).png: not an image"), status
+    assert not browser.find_elements(By.CSS_SELECTOR, "img[src='y']")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+
+
+def test_oversized_upload_gives_a_message_and_the_page_keeps_serving(server, browser, tmp_path):
+    """Past --max-upload-mb (default 20) the page says so; the next image is segmented."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server)
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "run"))
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(os.urandom(21 * 2**20))
+    browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(huge))
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: 'exceed the maximum allowed size of 20.0 Mb: "huge.png"' in d.find_element(By.TAG_NAME, "body").text)
+    assert segment(browser, SAMPLE, "sky; sand").startswith("Done")

@@ -17,8 +17,8 @@ into --output (files and JSON schema: catseg/app/outputs.py). Two inputs with th
 Prints a one-line summary per image and a progress bar. A file that cannot be read is reported
 and skipped. Exit code: 0 when every input was processed, 1 when any failed (or an input
 matched nothing), 2 for usage and start-up errors (bad arguments, empty vocabulary, missing
-config file or weights, unknown config key, unwritable output): one `error: ...` line, no
-traceback (`--debug` or CATSEG_DEBUG=1 shows it).
+config file or weights, unknown config key, unwritable output, a disk that fills up): one
+`error: ...` line, no traceback (`--debug` or CATSEG_DEBUG=1 shows it).
 """
 import argparse
 import glob
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..config import shipped_config
 from ..console import setup_cli_logging, silence_dependency_warnings
-from ..errors import report_errors
+from ..errors import OutputError, report_errors
 from ..image_io import IMAGE_EXTENSIONS, ImageReadError
 from .output_dir import make_output_dir
 from .outputs import output_stems, summary_line, write_outputs
@@ -80,11 +80,22 @@ def expand_inputs(specs: Sequence[str]) -> Tuple[List[Path], List[str]]:
         elif path.is_file():
             found = [path]
         else:
-            found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            found = glob_files(spec)
         if not found:
             unmatched.append(spec)
         files.extend(found)
     return list(dict.fromkeys(files)), unmatched
+
+
+def glob_files(spec: str) -> List[Path]:
+    """The files matching glob pattern `spec`, sorted. pathlib's glob: `**` does not descend
+    into symlinked folders, so a symlink loop cannot make it hang (glob.glob's does)."""
+    parts = Path(spec).parts
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    if first == len(parts):
+        return []
+    root = Path(*parts[:first]) if first else Path(".")
+    return sorted(p for p in root.glob(str(Path(*parts[first:]))) if p.is_file())
 
 
 def choose_vocabulary(args) -> Optional[List[str]]:
@@ -151,7 +162,11 @@ def run(args) -> int:
             results = predictor.run([prepared for _, _, prepared in batch])
             seconds = (time.perf_counter() - t0) / len(batch)
             for (path, stem, _), result in zip(batch, results):
-                record = write_outputs(result, path, out_dir, stem, config, weights)
+                try:
+                    record = write_outputs(result, path, out_dir, stem, config, weights)
+                except OutputError as e:  # a full disk: one line, what is done stays done
+                    raise OutputError(f"{e}; {bar.n - failures + len(unmatched)} of {len(files)} images were "
+                                      "written before it: free space and rerun") from None
                 tqdm.write(summary_line(path, record, seconds))
                 bar.update(1)
     done = len(files) - (failures - len(unmatched))

@@ -18,8 +18,16 @@ JSON schema ("catseg-demo/1"):
   overlay       file name of the overlay PNG
   config        the config file;  weights  the checkpoint ("" for random / built weights)
 Each file is written atomically (catseg/atomic.py): an interrupted run leaves no partial file.
+
+Names from hostile inputs: an output stem is the input's file name made safe (`safe_stem`):
+UTF-8 (undecodable bytes become U+FFFD), no path separators or control characters, at most
+STEM_BYTES bytes, so every output file lands inside the output folder; a target that is a
+symlink is replaced, never written through. The JSON's `input` shows undecodable bytes of the
+path as \\xNN escapes.
 """
 import json
+import os
+import re
 from pathlib import Path
 from typing import List, Sequence
 
@@ -27,40 +35,77 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_write
+from ..errors import OutputError
 from .overlay import render_overlay
 
 SCHEMA = "catseg-demo/1"
+STEM_BYTES = 200  # + "_overlay.png" stays under the usual 255-byte file-name limit
+UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")  # control characters and path separators
+
+
+def display_path(path) -> str:
+    """`path` as valid UTF-8 text: undecodable bytes of a file name as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def safe_stem(path: Path) -> str:
+    """The output stem of an input file: its stem as UTF-8 (bad bytes -> U+FFFD), separators and
+    control characters -> "_", cut to STEM_BYTES bytes; "image" when nothing is left or it
+    would be "." or ".." ."""
+    stem = UNSAFE.sub("_", os.fsencode(path.stem).decode("utf-8", "replace"))
+    stem = stem.encode("utf-8")[:STEM_BYTES].decode("utf-8", "ignore")
+    return stem if stem.strip(".") else "image"
 
 
 def output_stems(files: Sequence[Path]) -> List[str]:
-    """A distinct output stem per file: its own stem, then stem_2, stem_3... on repeats."""
+    """A distinct safe output stem per file (`safe_stem`), then stem_2, stem_3... on repeats."""
     used, stems = set(), []
     for f in files:
-        stem, n = f.stem, 1
+        base = safe_stem(f)
+        stem, n = base, 1
         while stem in used:
             n += 1
-            stem = f"{f.stem}_{n}"
+            stem = f"{base}_{n}"
         used.add(stem)
         stems.append(stem)
     return stems
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write `image` as a PNG at `path`, atomically (never a half-written file)."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+def output_path(out_dir: Path, name: str) -> Path:
+    """`out_dir / name`, refused (OutputError) unless it is a file directly inside `out_dir`."""
+    path = out_dir / name
+    if name != Path(name).name or name in ("", ".", "..") or UNSAFE.search(name):
+        raise OutputError(f"output name {display_path(name)!r} would leave the output folder {display_path(out_dir)}")
+    return path
 
 
 def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, weights: str) -> dict:
-    """Write the overlay, label map and JSON of one result; returns the JSON dict."""
+    """Write the overlay, label map and JSON of one result; returns the JSON dict.
+
+    A failed write (full disk, quota, file-size limit, ...) removes this result's files written
+    so far and raises OutputError, one line: an image has all its files or none."""
+    written: List[Path] = []
+
+    def write(name: str, write_fn) -> None:
+        path = output_path(out_dir, name)
+        try:
+            atomic_write(path, write_fn)
+        except OSError as e:
+            for done in written:
+                done.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {display_path(path)}: {e.strerror or e}; "
+                              f"nothing of {display_path(source.name)} is left half-written") from None
+        written.append(path)
+
     labels = result.labels.numpy()
     dtype = np.uint8 if len(result.classes) <= 255 else np.uint16
-    save_png(Image.fromarray(labels.astype(dtype)), out_dir / f"{stem}_labels.png")
+    write(f"{stem}_labels.png", lambda f: Image.fromarray(labels.astype(dtype)).save(f, format="PNG"))
     shares, present = result.pixel_shares(), result.present()
     overlay, _ = render_overlay(result.image, labels, result.classes, present, shares)
-    save_png(overlay, out_dir / f"{stem}_overlay.png")
+    write(f"{stem}_overlay.png", lambda f: overlay.save(f, format="PNG"))
     record = {
         "schema": SCHEMA,
-        "input": str(source),
+        "input": display_path(source),
         "image_size": list(result.image_size),
         "output_size": list(labels.shape),
         "classes": [{"id": i, "name": n, "pixel_share": round(s, 6)}
@@ -73,7 +118,7 @@ def write_outputs(result, source: Path, out_dir: Path, stem: str, config: str, w
         "weights": weights,
     }
     text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(out_dir / f"{stem}.json", lambda f: f.write(text.encode("utf-8")))
+    write(f"{stem}.json", lambda f: f.write(text.encode("utf-8")))
     return record
 
 
@@ -83,5 +128,5 @@ def summary_line(source: Path, record: dict, seconds: float, top: int = 4) -> st
     parts = [f"{classes[i]['name']} {classes[i]['pixel_share']:.1%}" for i in record["present"][:top]]
     more = len(record["present"]) - top
     h, w = record["image_size"]
-    return (f"{source}  {w}x{h}  {len(record['present'])} classes: {'; '.join(parts)}"
+    return (f"{display_path(source)}  {w}x{h}  {len(record['present'])} classes: {'; '.join(parts)}"
             f"{f'; +{more} more' if more > 0 else ''}  ({seconds:.2f} s)")

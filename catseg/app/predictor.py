@@ -22,7 +22,8 @@ first downscaled to it (area resampling; JPEGs decode directly at a reduced scal
 output maps are at most MAX_INPUT_SIDE on their longer side: `probs` takes at most
 T x MAX_INPUT_SIDE^2 x 4 bytes (150 classes at 1280 x 1280: 0.98 GB); the network itself
 always sees fixed-size views (CLIP / backbone resolution, or the sliding-window crops of
-TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size.
+TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size. Image files (and PIL images)
+with more than cfg.INPUT.MAX_IMAGE_PIXELS pixels are refused from their header, before decoding.
 """
 import time
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ class OpenVocabPredictor:
 
     def prepare(self, image: ImageInput, format: str = "RGB") -> Tuple[np.ndarray, Tuple[int, int]]:
         """-> ((h, w, 3) uint8 RGB the network sees, (H, W) input size); see catseg.image_io."""
-        return load_image(image, format, self.max_side)
+        return load_image(image, format, self.max_side, self.cfg.INPUT.MAX_IMAGE_PIXELS)
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], vocabulary: Optional[Sequence[str]] = None,
                 format: str = "RGB") -> Union[Segmentation, List[Segmentation]]:

@@ -13,21 +13,37 @@ given: the quick-start model when `make demo` has trained it (output/quickstart/
 else configs/tiny.yaml with random weights, behind a banner. One predictor per model is kept in
 memory; text embeddings come from the disk cache. "Refine with Segment Anything" labels SAM's
 automatic masks with CAT-Seg (catseg/app/sam_refine.py; SAM weights from --sam-weights).
+
+Class names are data, never markup: the status line, legend and table are plain-text
+components, so `<b>sky</b>` or `a*b*c` show as typed.
+
+Under load (README "Limits and safety"): requests wait in Gradio's queue (at most --queue-size,
+default 16; past it a request is refused with a message) and run --concurrency at a time
+(default 1: one model pass at a time; N > 1 keeps N copies of each model in memory). A request
+whose client disconnects while it waits is dropped from the queue. Each request's files live in
+its own folder; only the newest --keep-results folders (default 8) are kept, and Gradio's own
+copies and uploads are deleted after --cache-minutes (default 10). Uploads over --max-upload-mb
+(default 20) are refused by the page; images over INPUT.MAX_IMAGE_PIXELS pixels (default 100
+Mpixel; `--opts INPUT.MAX_IMAGE_PIXELS N`) give a message from their header, before decoding.
 """
 import argparse
 import os
+import queue
+import shutil
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..config import shipped_config
 from ..console import setup_cli_logging
 from ..data.class_names import load_class_names, shipped_class_lists
 from ..errors import CatsegError, report_errors
 from ..image_io import ImageReadError
-from .outputs import write_outputs
+from .outputs import safe_stem, write_outputs
 from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, clean_vocabulary, parse_vocabulary
 
@@ -46,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                    help="port (default: $GRADIO_SERVER_PORT, else 7860)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests run at a time (default 1: one model pass at a time; N keeps N model copies)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more are refused (default 16)")
+    p.add_argument("--keep-results", type=int, default=8, help="newest request folders kept on disk (default 8)")
+    p.add_argument("--cache-minutes", type=float, default=10,
+                   help="Gradio's copies of uploads and results are deleted after this age (default 10)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted, in MB (default 20)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every model: KEY VALUE ...")
     return p
@@ -61,22 +84,88 @@ def model_choices(configs: Sequence[str], weights: Sequence[str]) -> Tuple[Dict[
     return {"tiny (random weights)": (str(TINY), "")}, True
 
 
-class WebDemo:
-    """The page's logic, without Gradio: one predictor per model choice, `segment` per request."""
+class PredictorPool:
+    """Up to `size` predictors of one model, built on first need; `use()` lends an idle one
+    (waiting for one when all are busy), so that a predictor runs one request at a time."""
 
-    def __init__(self, models: Dict[str, Tuple[str, str]], opts: Sequence[str] = ()):
+    def __init__(self, build, size: int):
+        self.build, self.size, self.built = build, max(1, size), 0
+        self.idle: "queue.Queue[OpenVocabPredictor]" = queue.Queue()
+        self.lock = threading.Lock()
+
+    def first(self) -> OpenVocabPredictor:
+        """A predictor, built now if none is (start-up errors surface here); not lent."""
+        with self.use() as predictor:
+            return predictor
+
+    @contextmanager
+    def use(self) -> Iterator[OpenVocabPredictor]:
+        with self.lock:
+            grow = self.idle.empty() and self.built < self.size
+            self.built += grow
+        try:
+            predictor = self.build() if grow else self.idle.get()
+        except BaseException:
+            with self.lock:
+                self.built -= 1
+            raise
+        try:
+            yield predictor
+        finally:
+            self.idle.put(predictor)
+
+
+class ResultFolders:
+    """One folder per request under a temporary root; creating one removes all but the newest
+    `keep` (so disk use is bounded by `keep` results, whatever the number of requests)."""
+
+    def __init__(self, keep: int):
+        self.root = Path(tempfile.mkdtemp(prefix="catseg-web-"))
+        self.keep = max(1, keep)
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def new(self) -> Path:
+        with self.lock:
+            self.count += 1
+            folder = self.root / f"{self.count:08d}"
+            folder.mkdir()
+            for old in sorted(self.root.iterdir())[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+
+class WebDemo:
+    """The page's logic, without Gradio: a pool of predictors per model choice, `segment` per
+    request. `concurrency` requests may run at once (each on its own predictor); the newest
+    `keep_results` requests' files stay on disk (at least `concurrency`: those still in use)."""
+
+    def __init__(self, models: Dict[str, Tuple[str, str]], opts: Sequence[str] = (), concurrency: int = 1,
+                 keep_results: int = 8):
         self.models = models
         self.opts = list(opts)
-        self.predictors: Dict[Tuple[str, str], OpenVocabPredictor] = {}
-        self.out_root = Path(tempfile.mkdtemp(prefix="catseg-web-"))
+        self.concurrency = max(1, concurrency)
+        self.pools: Dict[Tuple[str, str], PredictorPool] = {}
+        self.pools_lock = threading.Lock()
+        self.results = ResultFolders(max(keep_results, self.concurrency))
+
+    @property
+    def out_root(self) -> Path:
+        return self.results.root
+
+    def pool(self, choice: str, refine: str = "") -> PredictorPool:
+        """The predictors of model `choice` (with `refine`, see OpenVocabPredictor)."""
+        with self.pools_lock:
+            if (choice, refine) not in self.pools:
+                config, weights = self.models[choice]
+                self.pools[choice, refine] = PredictorPool(
+                    lambda: OpenVocabPredictor(config, weights=weights or None, opts=self.opts, refine=refine),
+                    self.concurrency)
+            return self.pools[choice, refine]
 
     def predictor(self, choice: str, refine: str = "") -> OpenVocabPredictor:
-        """The predictor of model `choice` (with `refine`, see OpenVocabPredictor), built once."""
-        if (choice, refine) not in self.predictors:
-            config, weights = self.models[choice]
-            self.predictors[choice, refine] = OpenVocabPredictor(config, weights=weights or None, opts=self.opts,
-                                                                 refine=refine)
-        return self.predictors[choice, refine]
+        """A predictor of model `choice`, built now if none is (start-up errors surface here)."""
+        return self.pool(choice, refine).first()
 
     @staticmethod
     def vocabulary(text: str, benchmark: str) -> List[str]:
@@ -93,28 +182,30 @@ class WebDemo:
             return "Upload an image first.", None, "", [], []
         try:
             vocabulary = self.vocabulary(text, benchmark)
-            predictor = self.predictor(choice, "sam" if sam else "")
-            start = time.perf_counter()
-            result = predictor.predict(image_path, vocabulary)
-            seconds = time.perf_counter() - start
+            with self.pool(choice, "sam" if sam else "").use() as predictor:
+                start = time.perf_counter()
+                result = predictor.predict(image_path, vocabulary)
+                seconds = time.perf_counter() - start
+            out = self.results.new()
+            stem = safe_stem(Path(image_path))
+            config, weights = self.models[choice]
+            record = write_outputs(result, Path(image_path), out, stem, config, weights)
         except (ImageReadError, EmptyVocabularyError, CatsegError, ValueError) as e:
-            return f"**Error:** {str(e).replace(image_path, Path(image_path).name)}", None, "", [], []
-        out = Path(tempfile.mkdtemp(dir=self.out_root))
-        stem = Path(image_path).stem
-        config, weights = self.models[choice]
-        record = write_outputs(result, Path(image_path), out, stem, config, weights)
+            return f"Error: {str(e).replace(image_path, Path(image_path).name)}", None, "", [], []
         rows = [[record["classes"][i]["name"], f"{record['classes'][i]['pixel_share']:.1%}"] for i in record["present"]]
         legend = "Classes present: " + "; ".join(name for name, _ in rows)
         h, w = record["image_size"]
         status = f"Done: {w}x{h}, {len(vocabulary)} classes, {seconds:.2f} s."
+        print(f"request {out.name}: {status}", file=sys.stderr, flush=True)  # the server's log: one line a request
         return status, str(out / record["overlay"]), legend, rows, [str(out / record["label_map"]), str(out / f"{stem}.json")]
 
 
-def build_page(app: WebDemo, random_weights: bool):
-    """The Gradio Blocks page around `app`."""
+def build_page(app: WebDemo, random_weights: bool, cache_minutes: float = 10):
+    """The Gradio Blocks page around `app`; Gradio's cached files are deleted after `cache_minutes`."""
     import gradio as gr
 
-    with gr.Blocks(title="catseg: open-vocabulary segmentation") as page:
+    age = max(1, round(cache_minutes * 60))
+    with gr.Blocks(title="catseg: open-vocabulary segmentation", delete_cache=(max(1, age // 4), age)) as page:
         gr.Markdown("# catseg: segment an image with your own words")
         if random_weights:
             gr.Markdown(RANDOM_BANNER, elem_id="banner")
@@ -131,14 +222,16 @@ def build_page(app: WebDemo, random_weights: bool):
                                   elem_id="sam")
                 run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
-                status = gr.Markdown("", elem_id="status")
+                # plain-text components: class names are shown as typed, never as markup
+                status = gr.Textbox("", label="Status", interactive=False, elem_id="status")
                 overlay = gr.Image(label="Overlay and legend", type="filepath", elem_id="overlay")
-                legend = gr.Markdown("", elem_id="legend")
-                table = gr.Dataframe(headers=["class", "pixel share"], label="Classes present", elem_id="table")
+                legend = gr.Textbox("", label="Legend", interactive=False, elem_id="legend")
+                table = gr.Dataframe(headers=["class", "pixel share"], datatype=["str", "str"], label="Classes present",
+                                     interactive=False, elem_id="table")
                 files = gr.File(label="Label map (PNG) and JSON", file_count="multiple", elem_id="downloads")
         image.change(lambda _: "", image, status)  # a new image: the last run's message no longer applies
         run.click(app.segment, [image, vocab, benchmark, model, sam], [status, overlay, legend, table, files],
-                  show_progress="full")
+                  show_progress="full", api_name="segment")
     return page
 
 
@@ -148,11 +241,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def start():
         models, random_weights = model_choices(args.config_file, args.weights)
-        app = WebDemo(models, args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []))
+        app = WebDemo(models, args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []),
+                      concurrency=args.concurrency, keep_results=args.keep_results)
         app.predictor(next(iter(models)))  # load the first model now: start-up errors are one line here
         print(f"web demo on http://{args.host}:{args.port} (Ctrl+C to stop)", file=sys.stderr, flush=True)
-        build_page(app, random_weights).queue().launch(server_name=args.host, server_port=args.port,
-                                                       show_error=False, quiet=True)
+        page = build_page(app, random_weights, args.cache_minutes)
+        page.queue(max_size=args.queue_size, default_concurrency_limit=app.concurrency).launch(
+            server_name=args.host, server_port=args.port, show_error=False, quiet=True,
+            max_file_size=round(args.max_upload_mb * 2**20))
         return 0
 
     return report_errors(start, debug=args.debug)

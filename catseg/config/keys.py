@@ -35,6 +35,8 @@ def add_catseg_config(cfg):
     cfg.INPUT.COLOR_AUG_SSD = False  # SSD-style photometric augmentation during training
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0  # crop retries until no class covers more than this share
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # training: pad image/label to a multiple of this (-1: off)
+    cfg.INPUT.MAX_IMAGE_PIXELS = 100_000_000  # predictor/demo: files with more pixels refused from the header (0: any)
+    cfg.DATALOADER.CORRUPT_LABELS = "error"  # custom data, corrupt label or image: "error" (one line) or "skip" (counted)
     cfg.DATASETS.CUSTOM = []  # custom datasets: "name:image_dir:label_dir:classes.json[:ignore]" (ignore default 255)
 
     # ---------------------------------------------------------------- solver

@@ -13,6 +13,10 @@ pair; bad data is handled as follows (each message names the file):
 - label size different from the image size: skipped, warning;
 - label ids outside the class list (other than the ignore value): fatal `DatasetError`
   listing every offending file and its ids (the class list or the labels are wrong);
+- a label that cannot be decoded (corrupt or truncated) or an image whose header cannot be
+  read: `corrupt="error"` (DATALOADER.CORRUPT_LABELS "error", the default): fatal
+  `DatasetError` naming the files, before training starts; "skip": skipped, one warning with
+  their count and names;
 - no usable pair left: fatal `DatasetError`.
 """
 import logging
@@ -229,12 +233,28 @@ def check_pair(record: dict, num_classes: int, ignore_label: int) -> Tuple[Optio
     return None, bad.tolist()
 
 
+CORRUPT_CHOICES = ("error", "skip")  # DATALOADER.CORRUPT_LABELS
+
+
+def unreadable(record: dict) -> Optional[str]:
+    """'<file>: <reason>' when the label cannot be decoded or the image's header read, else None."""
+    for key, read in (("sem_seg_file_name", read_label), ("file_name", lambda p: Image.open(p).close())):
+        try:
+            read(record[key])
+        except DatasetError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            return f"{record[key]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
+
+
 def load_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json: str,
-                        ignore_label: int = 255, validate: bool = True) -> List[dict]:
+                        ignore_label: int = 255, validate: bool = True, corrupt: str = "error") -> List[dict]:
     """Dataset dicts of a folder of images and a folder of labels with the same stems.
 
     With `validate`, every pair is read and checked (see the module docstring for what is
-    skipped and what is fatal); records then carry "height" and "width".
+    skipped and what is fatal; `corrupt` "error" or "skip" says what an unreadable file is);
+    records then carry "height" and "width".
     """
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     for folder in (image_dir, label_dir):
@@ -244,8 +264,12 @@ def load_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json:
                                      name, True)
     if validate:
         num_classes = len(load_class_names(classes_json))
-        kept, out_of_range = [], []
+        kept, out_of_range, broken = [], [], []
         for record in records:
+            problem = unreadable(record)
+            if problem:
+                broken.append(problem)
+                continue
             size_problem, bad_ids = check_pair(record, num_classes, ignore_label)
             if size_problem:
                 logger.warning(f"dataset {name}: {size_problem}; skipped")
@@ -261,6 +285,12 @@ def load_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json:
                 f"dataset {name}: label ids outside the {num_classes} classes of {classes_json} "
                 f"(valid 0..{num_classes - 1}, ignore {ignore_label}): "
                 f"{_describe(out_of_range)}; fix the class list or the labels")
+        if broken and corrupt == "skip":
+            logger.warning(f"dataset {name}: {len(broken)} corrupt or unreadable file(s) skipped "
+                           f"(DATALOADER.CORRUPT_LABELS skip): {_describe(broken)}")
+        elif broken:
+            raise DatasetError(f"dataset {name}: {len(broken)} corrupt or unreadable file(s): {_describe(broken)}; "
+                               "replace them, or set DATALOADER.CORRUPT_LABELS skip to train without them")
         records = kept
     if not records:
         raise DatasetError(f"dataset {name}: no usable image/label pair in {image_dir} and "
@@ -270,22 +300,24 @@ def load_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json:
 
 def register_custom_dataset(name: str, image_dir: str, label_dir: str, classes_json: str,
                             ignore_label: int = 255, validate: bool = True,
-                            evaluator_type: str = "sem_seg") -> None:
+                            evaluator_type: str = "sem_seg", corrupt: str = "error") -> None:
     """Register a folder of images + a folder of label maps (same stems) as dataset `name`.
 
     `classes_json` is a JSON list of class names (or a .txt, one per line, or a shipped list
     name such as "ade150"); label value i is class i, `ignore_label` is not evaluated or
     trained on. `evaluator_type` "sem_seg_background" counts predictions beyond the last
     class as the last class (see catseg.evaluation). Registering the same name again
-    replaces the earlier registration.
+    replaces the earlier registration. `corrupt`: "error" or "skip" (see the module docstring).
     """
     if name in BENCHMARKS:
         raise ValueError(f"{name} is a builtin benchmark name; choose another name")
+    if corrupt not in CORRUPT_CHOICES:
+        raise DatasetError(f"DATALOADER.CORRUPT_LABELS {corrupt!r}: expected one of {', '.join(CORRUPT_CHOICES)}")
     classes = load_class_names(classes_json)
     class_json_path = str(resolve_class_list(classes_json))
     _replace_registration(name)
     args = dict(image_dir=str(image_dir), label_dir=str(label_dir), classes_json=class_json_path,
-                ignore_label=int(ignore_label), validate=validate)
+                ignore_label=int(ignore_label), validate=validate, corrupt=corrupt)
     _CUSTOM[name] = args
     DatasetCatalog.register(name, lambda: load_custom_dataset(name, **args))
     MetadataCatalog.get(name).set(
@@ -323,7 +355,7 @@ def register_from_config(cfg) -> List[str]:
     for spec in cfg.DATASETS.CUSTOM:
         try:
             args = parse_custom_spec(spec)
-            register_custom_dataset(**args)
+            register_custom_dataset(**args, corrupt=cfg.DATALOADER.CORRUPT_LABELS)
         except (ValueError, FileNotFoundError) as e:
             if isinstance(e, CatsegError):
                 raise

@@ -17,7 +17,10 @@ Differences from DefaultTrainer:
 - SOLVER.AMP.ENABLED (approximate) trains under bfloat16 autocast on CPU or GPU, applied by the
   model's forward (`CATSeg.run_network`), with detectron2's SimpleTrainer: no GradScaler
   (bfloat16 has float32's range), fp32 weights, gradients and optimizer state; detectron2's
-  AMPTrainer (float16, CUDA only) is not used.
+  AMPTrainer (float16, CUDA only) is not used;
+- a non-finite loss (detectron2's FloatingPointError, raised before the optimizer step) stops
+  training with `TrainingDivergedError`: one line naming the iteration and the last checkpoint
+  to resume from (`--resume`), without detectron2's traceback in the log.
 """
 import logging
 import os
@@ -32,6 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..console import FILE_ONLY
+from ..errors import CatsegError
 from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..evaluation import build_evaluator
@@ -42,6 +46,21 @@ from .data_stream import build_resumable_train_loader, mix_seed
 from .solver import build_optimizer
 
 TRAIN_MAPPERS = {"mask_former_semantic": SemSegDatasetMapper}
+
+
+class TrainingDivergedError(CatsegError):
+    """The loss became NaN or infinite; the message names the iteration and the last checkpoint."""
+
+
+class DropCatsegTraceback(logging.Filter):
+    """Drops detectron2's tracebacks ("Exception during training", "Exception in writing
+    metrics") of a CatsegError or a non-finite loss: a one-line message reports them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], (CatsegError, FloatingPointError)))
+
+
+logging.getLogger("detectron2.engine.train_loop").addFilter(DropCatsegTraceback())
 
 
 def create_ddp_model_any_device(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -125,7 +144,14 @@ class CATSegTrainer(DefaultTrainer):
         # seed), which would otherwise shift the model's random stream in the first step only.
         self._trainer._data_loader_iter
         torch.manual_seed(mix_seed(self.data_seed, self.iter * comm.get_world_size() + comm.get_rank()))
-        super().run_step()
+        try:
+            super().run_step()
+        except FloatingPointError:
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+            where = f"resume from the last checkpoint, {last}, with --resume" if last else "no checkpoint was saved yet"
+            raise TrainingDivergedError(
+                f"the loss became NaN or infinite at iteration {self.iter} (weights not updated by it); {where} "
+                "(lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS if it recurs)") from None
 
     @classmethod
     def build_model(cls, cfg):

@@ -179,12 +179,32 @@ def truncated_names(tokenizer, class_names: Sequence[str], templates: Sequence[s
     return too_long
 
 
-def warn_truncated(names: Sequence[str], context_length: int) -> None:
-    """One warning per class name whose prompts are cut at the context length."""
-    for name in names:
+def truncation_note(tokenizer, name: str, templates: Sequence[str]) -> str:
+    """How the prompts of `name` are cut: 'its longest prompt keeps N of its M tokens; the
+    name is read as far as "...last kept words"' (open_clip's SimpleTokenizer: exact counts)."""
+    encode, decode = tokenizer.encode, getattr(tokenizer, "decode", None)
+    context = tokenizer.context_length
+    synonym = max(split_synonyms(name), key=lambda s: len(encode(s)))
+    template = max(templates, key=lambda t: len(encode(t.format(synonym))))
+    total = len(encode(template.format(synonym))) + 2  # SOT, EOT
+    name_tokens = encode(synonym)
+    kept = max(0, min(len(name_tokens), len(name_tokens) - (total - context)))
+    note = (f"its longest prompt ({template!r}) has {total} tokens and keeps the first {context - 1} and an "
+            f"end token; {len(name_tokens) - kept} of the name's {len(name_tokens)} tokens are dropped")
+    if decode is not None:
+        tail = decode(name_tokens[:kept]).strip()[-40:]
+        note += f", the name is read up to \"...{tail}\""
+    return note
+
+
+def warn_truncated(names: Sequence[str], context_length: int, notes: Sequence[str] = ()) -> None:
+    """One warning per class name whose prompts are cut at the context length; `notes` (one per
+    name, from `truncation_note`) say how."""
+    for name, note in zip(names, list(notes) or [""] * len(names)):
         shown = name if len(name) <= 60 else name[:57] + "..."
         warnings.warn(f"class name {shown!r} is longer than CLIP's {context_length}-token context "
-                      "(with its prompt templates): its prompts are truncated", UserWarning, stacklevel=3)
+                      f"(with its prompt templates): its prompts are truncated{': ' + note if note else ''}",
+                      UserWarning, stacklevel=3)
 
 
 def class_text_embeddings(clip_model: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
@@ -369,5 +389,6 @@ class CachedTextEncoder:
             entry = {"embeddings": emb, "truncated": truncated_names(tokenizer, class_names, templates)}
             if self.cache is not None:
                 self.cache.save(key, emb, entry["truncated"])
-        warn_truncated(entry["truncated"], getattr(tokenizer, "context_length", 77))
+        notes = [truncation_note(tokenizer, name, templates) for name in entry["truncated"]]
+        warn_truncated(entry["truncated"], getattr(tokenizer, "context_length", 77), notes)
         return entry["embeddings"]
