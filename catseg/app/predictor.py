@@ -40,6 +40,7 @@ from ..errors import ConfigError
 from ..image_io import ImageInput, load_image
 from ..modeling.tta import CATSegWithTTA
 from ..weights.checkpointer import CATSegCheckpointer
+from ..weights.hub import fetch_config_weights
 from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
@@ -78,7 +79,9 @@ class OpenVocabPredictor:
 
     Args:
         config: a YAML path or a CfgNode (catseg keys added).
-        weights: checkpoint path (default cfg.MODEL.WEIGHTS; "" keeps the built weights).
+        weights: checkpoint path, `hf://` name or huggingface.co link (default cfg.MODEL.WEIGHTS; ""
+            keeps the built weights). Hub files (here and in CLIP_WEIGHTS, MODEL.SAM.WEIGHTS) are
+            downloaded first (catseg/weights/hub.py).
         opts: KEY VALUE config overrides.
         batch_size: images per network pass.
         max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
@@ -89,6 +92,9 @@ class OpenVocabPredictor:
     def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
                  batch_size: int = 2, max_side: Optional[int] = None, refine: str = ""):
         self.cfg = load_config(config, opts)
+        if weights is not None:
+            self.cfg.MODEL.WEIGHTS = weights
+        fetch_config_weights(self.cfg)
         head = self.cfg.MODEL.SEM_SEG_HEAD
         if not (head.TRAIN_CLASS_JSON and head.TEST_CLASS_JSON):  # "": the datasets' class list
             register_from_config(self.cfg)
@@ -100,7 +106,7 @@ class OpenVocabPredictor:
         self.model = build_model(self.cfg).eval()
         # TEST.AUG.ENABLED: every image runs through test-time augmentation (catseg/modeling/tta.py)
         self.network = CATSegWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else self.model
-        weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
+        weights = self.cfg.MODEL.WEIGHTS
         if weights:
             CATSegCheckpointer(self.model, strict=self.cfg.MODEL.CHECKPOINT_STRICT).load(weights)
         self.batch_size = max(1, batch_size)

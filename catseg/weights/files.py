@@ -3,16 +3,20 @@ detectron2 / official `.pkl` files, each returned as a checkpoint dict {"model":
 or array}, ...}.
 
 - `.safetensors`: {"model": tensors}.
-- `.pkl`: a detectron2 model-zoo file ({"model": ..., "__author__": ...}) as it is; any other
+- `.pkl`: read by a restricted unpickler (`SafeUnpickler`) that builds only containers, numbers,
+  strings and numpy arrays; a detectron2 model-zoo file ({"model": ..., "__author__": ...}) as it is; any other
   mapping is a Caffe2 / Detectron file (its "blobs" if present, optimizer momenta dropped),
   marked `"__author__": "Caffe2"` with detectron2's name-matching heuristics on.
-- torch files: the saved dict; a bare state_dict becomes {"model": state_dict}.
+- torch files: loaded with `weights_only=True` (tensors, containers, numbers, strings only),
+  memory-mapped when the file is in torch's zip format (tensors are read from the page cache
+  on use, not copied up front); the saved dict; a bare state_dict becomes {"model": state_dict}.
 A missing or unreadable file (corrupt, truncated, another format) raises a one-line
-`WeightsError` naming it.
+`WeightsError` naming it; so does a file that holds anything else than weights (a pickle that
+would import or call code), which is refused before any of it runs.
 """
 import os
 import pickle
-from typing import Any, Dict
+from typing import Any, Dict, Set, Tuple
 
 import torch
 
@@ -33,7 +37,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
             return {"model": load_file(path)}
         if path.endswith(".pkl"):
             return _pkl_checkpoint(path)
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _torch_checkpoint(path)
+    except WeightsError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"weights file {path} refused: it holds more than weights "
+                           f"({_refusal_reason(e)}); only tensors, arrays, numbers and strings are loaded") from None
     except Exception as e:  # whatever the format's reader raises on a file that is no checkpoint
         raise WeightsError(f"weights file {path} is not a readable checkpoint: corrupt, truncated "
                            f"or another format ({type(e).__name__})") from None
@@ -42,9 +51,50 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return loaded if "model" in loaded else {"model": loaded}
 
 
+# The only globals a weights .pkl may name: numpy arrays and scalars (numpy 1 and 2 module names),
+# bytes written by Python 3 at protocol 2, ordered dicts. Nothing else is imported or called.
+SAFE_PICKLE_GLOBALS: Set[Tuple[str, str]] = {
+    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only `SAFE_PICKLE_GLOBALS`: dicts, lists, tuples, numbers,
+    strings and numpy arrays come out; any other global raises UnpicklingError before use."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
+        return super().find_class(module, name)
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused (else its first line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0]).rstrip(".")
+
+
+def _torch_checkpoint(path: str) -> Any:
+    """torch.load with weights_only=True, memory-mapped for zip-format files (a legacy-format file,
+    which cannot be mapped, is read whole)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _pkl_checkpoint(path: str) -> Dict[str, Any]:
     with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
+        try:
+            data = SafeUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise WeightsError(f"weights file {path} refused: {e} (only dicts, lists, tuples, numbers, "
+                               "strings and numpy arrays are loaded from .pkl files)") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"weights file {path} holds a {type(data).__name__}, not a checkpoint dict")
     if "model" in data and "__author__" in data:  # detectron2 model-zoo layout
         return data
     data = data.get("blobs", data)
