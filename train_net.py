@@ -101,13 +101,16 @@ def prepare_config(args):
 
 def load_model(cfg, resume: bool):
     """The model of `cfg` with MODEL.WEIGHTS (or, with `resume`, the last checkpoint) loaded."""
-    from catseg.weights.checkpointer import CATSegCheckpointer
     from catseg.engine import CATSegTrainer
+    from catseg.modeling.build import build_from_checkpoint
+    from catseg.weights.checkpointer import CATSegCheckpointer
 
-    model = CATSegTrainer.build_model(cfg)
-    CATSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=resume)
-    return model
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")) or not cfg.MODEL.WEIGHTS:
+        model = CATSegTrainer.build_model(cfg)
+        CATSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=resume)
+        return model
+    return build_from_checkpoint(cfg)  # no random initialisation of what MODEL.WEIGHTS replaces
 
 
 def evaluate(cfg, resume: bool = False):

@@ -31,15 +31,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
 
 from ..config import load_config
 from ..data.dataset_classes import resolve_class_lists
 from ..data.datasets import register_from_config
 from ..errors import ConfigError
 from ..image_io import ImageInput, load_image
+from ..modeling.build import build_from_checkpoint
 from ..modeling.tta import CATSegWithTTA
-from ..weights.checkpointer import CATSegCheckpointer
 from ..weights.hub import fetch_config_weights
 from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
@@ -103,12 +102,10 @@ class OpenVocabPredictor:
             raise ConfigError(f"refine {refine!r}: expected \"sam\" or \"\"")
         self.refiner: Optional[Callable[[Segmentation], Segmentation]] = \
             SamRefiner.from_config(self.cfg) if refine == "sam" else None
-        self.model = build_model(self.cfg).eval()
+        # with weights: built straight from the checkpoint (no random initialisation, memory-mapped)
+        self.model = build_from_checkpoint(self.cfg).eval()
         # TEST.AUG.ENABLED: every image runs through test-time augmentation (catseg/modeling/tta.py)
         self.network = CATSegWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else self.model
-        weights = self.cfg.MODEL.WEIGHTS
-        if weights:
-            CATSegCheckpointer(self.model, strict=self.cfg.MODEL.CHECKPOINT_STRICT).load(weights)
         self.batch_size = max(1, batch_size)
         self.max_side = self.cfg.TEST.MAX_INPUT_SIDE if max_side is None else max_side
         self.text_seconds: Optional[float] = None  # time of the latest text-embedding stage

@@ -16,7 +16,7 @@ would import or call code), which is refused before any of it runs.
 """
 import os
 import pickle
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -40,10 +40,11 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         loaded = _torch_checkpoint(path)
     except WeightsError:
         raise
-    except pickle.UnpicklingError as e:
-        raise WeightsError(f"weights file {path} refused: it holds more than weights "
-                           f"({_refusal_reason(e)}); only tensors, arrays, numbers and strings are loaded") from None
     except Exception as e:  # whatever the format's reader raises on a file that is no checkpoint
+        reason = _refusal_reason(e) if isinstance(e, pickle.UnpicklingError) else None
+        if reason:
+            raise WeightsError(f"weights file {path} refused: it holds more than weights ({reason}); only "
+                               "tensors, arrays, numbers and strings are loaded") from None
         raise WeightsError(f"weights file {path} is not a readable checkpoint: corrupt, truncated "
                            f"or another format ({type(e).__name__})") from None
     if not isinstance(loaded, dict):
@@ -69,10 +70,11 @@ class SafeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _refusal_reason(error: Exception) -> str:
-    """The line of torch's weights-only refusal that names what was refused (else its first line)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0]).rstrip(".")
+def _refusal_reason(error: Exception) -> Optional[str]:
+    """The line of torch's weights-only error that names a refused global (what the file would
+    import or call), or None when the file is merely unreadable."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line.rstrip(".") for line in lines if "GLOBAL" in line), None)
 
 
 def _torch_checkpoint(path: str) -> Any:
@@ -109,3 +111,18 @@ def state_dict_of(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     return {k: torch.as_tensor(v) for k, v in state.items() if isinstance(v, torch.Tensor) or hasattr(v, "__array__")}
+
+
+def checkpoint_keys(path: str) -> Set[str]:
+    """The state_dict keys of the weight file at `path`, reading as little as the format allows
+    (safetensors: the header; zip-format torch files: the pickled structure, tensors mapped, not
+    read). A missing or unreadable file raises WeightsError, as `read_checkpoint` does."""
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return set(f.keys())
+        except Exception as e:  # a file that is no safetensors file
+            raise WeightsError(f"weights file {path} is not a readable checkpoint ({type(e).__name__})") from None
+    return set(state_dict_of(read_checkpoint(path)))

@@ -67,7 +67,7 @@ def fetch_weights(name: str, setting: str = "MODEL.WEIGHTS") -> str:
 
     try:
         return hf_hub_download(hub_file.repo_id, hub_file.filename, repo_type=hub_file.repo_type,
-                               revision=hub_file.revision)
+                               revision=hub_file.revision, tqdm_class=_progress_bar_class())
     except LocalEntryNotFoundError:  # offline or unreachable, and not cached (before RemoteEntryNotFoundError's base)
         reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached"
         raise WeightsError(f"cannot download {hub_file.url}: {reason} and it is not in the cache {constants.HF_HUB_CACHE} "
@@ -77,6 +77,21 @@ def fetch_weights(name: str, setting: str = "MODEL.WEIGHTS") -> str:
     except Exception as e:  # network, disk or server errors: all end the same way
         raise WeightsError(f"cannot download {hub_file.url} ({type(e).__name__}): download it and set {setting} "
                            "to its path") from None
+
+
+def _progress_bar_class():
+    """huggingface_hub's progress bar, shown on stderr also when it is not a terminal (a log file,
+    a batch job) unless HF_HUB_DISABLE_PROGRESS_BARS turns it off: a download of gigabytes shows
+    its progress wherever the output goes."""
+    from huggingface_hub.utils import tqdm
+
+    class DownloadProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("disable") is None:  # tqdm's "only on a terminal"
+                kwargs["disable"] = False
+            super().__init__(*args, **kwargs)
+
+    return DownloadProgress
 
 
 # Config keys that name weight files and accept hub names.
