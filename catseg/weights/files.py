@@ -52,11 +52,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return loaded if "model" in loaded else {"model": loaded}
 
 
-# The only globals a weights .pkl may name: numpy arrays and scalars (numpy 1 and 2 module names),
-# bytes written by Python 3 at protocol 2, ordered dicts. Nothing else is imported or called.
+# The only globals a weights .pkl may name: numpy arrays and scalars (numpy 1 and 2 module names;
+# protocol 5 pickles arrays through _frombuffer), bytes written by Python 3 at protocol 2, ordered
+# dicts. Nothing else is imported or called.
 SAFE_PICKLE_GLOBALS: Set[Tuple[str, str]] = {
-    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")} | {
+    (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))} | {
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")}
 
 
