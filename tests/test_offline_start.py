@@ -35,9 +35,9 @@ def offline_env(tmp_path):
     return env
 
 
-def demo(opts, env, out):
-    cmd = [sys.executable, "-m", "catseg.app.cli", "--input", str(IMAGE), "--output", str(out), "--vocab",
-           "; ".join(VOCAB), "--opts", "MODEL.DEVICE", "cpu", *opts]
+def demo(opts, env, out, config="tiny.yaml"):
+    cmd = [sys.executable, "-m", "catseg.app.cli", "--config-file", str(REPO / "configs" / config), "--input",
+           str(IMAGE), "--output", str(out), "--vocab", "; ".join(VOCAB), "--opts", "MODEL.DEVICE", "cpu", *opts]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -52,14 +52,14 @@ def test_full_checkpoint_starts_offline_with_pretrained_clip(tmp_path, config):
     ckpt = tmp_path / "model_final.pth"
     torch.save({"model": model.state_dict(), "iteration": 10}, ckpt)
     run = demo(["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "pretrained", "MODEL.WEIGHTS", str(ckpt)], offline_env(tmp_path),
-               tmp_path / "out")
+               tmp_path / "out", config)
     assert run.returncode == 0, run.stderr
     expected = OpenVocabPredictor(str(REPO / "configs" / config), weights=str(ckpt),
                                   opts=["MODEL.DEVICE", "cpu"]).predict(str(IMAGE), VOCAB)
     labels = np.asarray(Image.open(tmp_path / "out" / f"{IMAGE.stem}_labels.png"))
     assert np.array_equal(labels, expected.labels.numpy())
 
-    without = demo(["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "pretrained"], offline_env(tmp_path), tmp_path / "out2")
+    without = demo(["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "pretrained"], offline_env(tmp_path), tmp_path / "out2", config)
     assert without.returncode == 2 and "Traceback" not in without.stderr
     error = without.stderr.strip().splitlines()[-1]
     assert error.startswith("error: cannot get the CLIP weights ") and "set MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS" in error
