@@ -34,6 +34,9 @@ MODELS = {"cvpr24-large": "cvpr24/vitl_336.yaml", "v1-large": "vitl_swinb_384.ya
 VARIANTS = ("build-then-load", "direct")
 
 
+RANDOM_CLIP = ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random"]
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -50,7 +53,7 @@ def worker(variant: str, config: str, weights: str) -> dict:
     t1 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if variant == "build-then-load":
-        cfg = load_config(str(shipped_config(config)), ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random"])
+        cfg = load_config(str(shipped_config(config)), RANDOM_CLIP)
         model = build_model(cfg)
         t2 = time.perf_counter()
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)  # read whole, as before
@@ -79,7 +82,7 @@ def make_checkpoint(config: str, path: Path) -> None:
 
     from catseg.config import load_config, shipped_config
 
-    cfg = load_config(str(shipped_config(config)), ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random"])
+    cfg = load_config(str(shipped_config(config)), RANDOM_CLIP)
     torch.manual_seed(0)
     model = build_model(cfg)
     tmp = path.with_suffix(".tmp")

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_model
+from hub_server import HubStandIn
 from PIL import Image
 
 from catseg.app.predictor import OpenVocabPredictor
 from catseg.weights.hub import HubFile, parse_hub_name
 from catseg.weights.models import RELEASED_MODELS, format_model_table, released_model
-from helpers import make_model
-from hub_server import HubStandIn
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "demo" / "samples" / "shapes.png"
@@ -107,8 +107,8 @@ def test_model_by_name_downloads_then_runs_offline(tmp_path, tiny_checkpoint):
     offline = demo(["--model", "tiny-test"], {**env, "HF_HUB_OFFLINE": "1"}, tmp_path / "out2")
     assert offline.returncode == 0, offline.stderr
     assert "tiny.pth: 100%" not in offline.stderr
-    expected = OpenVocabPredictor(str(REPO / "configs" / "tiny.yaml"), weights=str(path),
-                                  opts=["MODEL.DEVICE", "cpu"]).predict(str(IMAGE), [c.strip() for c in VOCAB.split(";")])
+    predictor = OpenVocabPredictor(str(REPO / "configs" / "tiny.yaml"), weights=str(path), opts=["MODEL.DEVICE", "cpu"])
+    expected = predictor.predict(str(IMAGE), [c.strip() for c in VOCAB.split(";")])
     assert np.array_equal(labels(tmp_path / "out1"), expected.labels.numpy())
     assert np.array_equal(labels(tmp_path / "out2"), expected.labels.numpy())
 

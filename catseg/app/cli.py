@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="catseg-demo", description="Open-vocabulary segmentation of image files.",
                                 epilog="Output files and JSON schema: see catseg/app/outputs.py or demo/README.md.")
     p.add_argument("--config-file", default="", help=f"model config (default {DEFAULT_CONFIG}, random weights)")
-    p.add_argument("--model", default="", metavar="NAME", help="a released model: its config and weights (--list-models)")
+    p.add_argument("--model", default="", metavar="NAME",
+                   help="a released model: its config and weights (--list-models)")
     p.add_argument("--list-models", action="store_true", help="print the released models and exit")
     p.add_argument("--input", nargs="+", help="image files, folders or glob patterns (required)")
     p.add_argument("--output", help="output folder (created; required)")

@@ -25,8 +25,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from ..weights.checkpointer import CATSegCheckpointer
 from ..errors import WeightsError
+from ..weights.checkpointer import CATSegCheckpointer
 from ..weights.files import read_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from .chunking import ChunkBudget
 from .clip_encoder import DenseCLIPEncoder
 from .text import CachedTextEncoder, prompt_templates, text_tower_fingerprint
 
-
 CLIP_PREFIX = "sem_seg_head.predictor.clip_model."  # where CLIP's tensors are in a CAT-Seg state_dict
 
 

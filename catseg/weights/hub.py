@@ -62,16 +62,20 @@ def fetch_weights(name: str, setting: str = "MODEL.WEIGHTS") -> str:
     if hub_file is None:
         return name
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return hf_hub_download(hub_file.repo_id, hub_file.filename, repo_type=hub_file.repo_type,
                                revision=hub_file.revision, tqdm_class=_progress_bar_class())
     except LocalEntryNotFoundError:  # offline or unreachable, and not cached (before RemoteEntryNotFoundError's base)
         reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached"
-        raise WeightsError(f"cannot download {hub_file.url}: {reason} and it is not in the cache {constants.HF_HUB_CACHE} "
-                           f"(download it and set {setting} to its path)") from None
+        raise WeightsError(f"cannot download {hub_file.url}: {reason} and it is not in the cache "
+                           f"{constants.HF_HUB_CACHE} (download it and set {setting} to its path)") from None
     except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         raise WeightsError(f"weights file {hub_file.url} not found on the hub ({setting})") from None
     except Exception as e:  # network, disk or server errors: all end the same way
