@@ -138,3 +138,16 @@ def test_hub_link_resumes_interrupted_download_and_missing_file_is_one_line(tmp_
         f"error: weights file {hub.endpoint}/catseg-test/models/resolve/main/missing.pth not found on the hub "
         "(MODEL.WEIGHTS)")
     assert "Traceback" not in missing.stderr
+
+
+def test_web_and_demo_take_model_names(capsys):
+    from catseg.app import cli, web
+
+    models, random_weights = web.model_choices([], [], ["cvpr24-large", "v1-giant"])
+    assert not random_weights and models == {
+        "cvpr24-large": (released_model("cvpr24-large").config_path(),
+                         "hf://spaces/hamacojr/CAT-Seg-weights/model_large.pth"),
+        "v1-giant": (released_model("v1-giant").config_path(), "hf://hamacojr/CAT-Seg/model_final_giant.pth")}
+    assert web.main(["--list-models"]) == 0 and cli.main(["--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("v1-huge ") == 2 and out.count("hf://hamacojr/CAT-Seg/model_final_huge.pth") == 2
