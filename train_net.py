@@ -31,9 +31,11 @@ configs (configs/ of the repository; catseg.config.shipped_config(name) finds th
   cvpr24/vitb_384.yaml         CAT-Seg CVPR'24 (B) recipe: ViT-B/16 (model_base.pth)
   vitl_swinb_384.yaml          CAT-Seg v1 (L) recipe: Swin-B + ViT-L/14@336px (model_final_large.pth)
   vitb_r101_384.yaml           CAT-Seg v1 (B) recipe: R101 + ViT-B/16 (model_final_base.pth)
+  vith_swinb_384.yaml          CAT-Seg v1 (H) recipe: Swin-B + OpenCLIP ViT-H/14 (model_final_huge.pth)
+  vitg_swinb_384.yaml          CAT-Seg v1 (G) recipe: Swin-B + OpenCLIP ViT-bigG/14 (model_final_giant.pth)
   ade150.yaml, ade847.yaml, pc59.yaml, pc459.yaml, voc20.yaml, voc20b.yaml
-                               evaluation protocols of the benchmarks (v1 L; v1 B in vitb/,
-                               CVPR'24 in cvpr24/ and cvpr24/vitb/)
+                               evaluation protocols of the benchmarks (v1 L; v1 B, H, G in vitb/,
+                               vith/, vitg/; CVPR'24 in cvpr24/ and cvpr24/vitb/)
 Your own data: README.md, "Train on your own data".
 
 released models (--model NAME, --list-models): cvpr24-base, cvpr24-large, v1-base, v1-large,

@@ -16,13 +16,14 @@ saved as detectron2 saves them: {"model": state_dict, "iteration": ...}), writte
   tensors are never created, the model's tensors are the memory-mapped file's.
 Columns: imports (torch, detectron2, catseg), build, load (for direct, build and load are one
 step, shown under build), ready = imports + build + load, first image (a 640x480 image, 3
-classes, text embeddings included), peak RSS after loading (before inference) and after the
-first image, and the ratio of the former to the checkpoint's size.
+classes, text embeddings included), RSS after the imports, peak RSS after loading (before
+inference) and after the first image (VmHWM of the worker process), and the ratio of the peak
+before inference to the checkpoint's size, whole and without what the imports hold. The
+checkpoint is written by a process of its own, so no worker inherits its memory.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,10 @@ RANDOM_CLIP = ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over an exec
+    from the forked parent's pages, so a worker would report the parent's size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def worker(variant: str, config: str, weights: str) -> dict:
@@ -51,6 +55,7 @@ def worker(variant: str, config: str, weights: str) -> dict:
     from catseg.modeling.build import build_from_checkpoint
     from catseg.weights.checkpointer import CATSegCheckpointer
     t1 = time.perf_counter()
+    rss_imports = peak_rss_bytes()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if variant == "build-then-load":
         cfg = load_config(str(shipped_config(config)), RANDOM_CLIP)
@@ -72,10 +77,11 @@ def worker(variant: str, config: str, weights: str) -> dict:
         model([{"image": image, "height": 480, "width": 640}])
     t4 = time.perf_counter()
     return {"imports_s": t1 - t0, "build_s": t2 - t1, "load_s": t3 - t2, "ready_s": t3 - t0,
-            "first_image_s": t4 - t3, "rss_ready": rss_ready, "rss_first_image": peak_rss_bytes()}
+            "first_image_s": t4 - t3, "rss_imports": rss_imports, "rss_ready": rss_ready,
+            "rss_first_image": peak_rss_bytes()}
 
 
-def make_checkpoint(config: str, path: Path) -> None:
+def make_checkpoint(config: str, path: Path) -> dict:
     """Random real-size weights of `config`, saved as detectron2 saves a checkpoint."""
     import torch
     from detectron2.modeling import build_model
@@ -88,14 +94,16 @@ def make_checkpoint(config: str, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "iteration": 0}, tmp)
     os.replace(tmp, path)
+    return {}
 
 
-def run_variant(variant: str, config: str, weights: Path) -> dict:
+def run_worker(*args: str) -> dict:
+    """This script with `args` in a fresh process (offline); its last stdout line as JSON."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--config", config, "--weights", str(weights)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run([sys.executable, __file__, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=1200)
     if out.returncode:
-        raise SystemExit(f"{variant} {config} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -104,36 +112,43 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--repeats", type=int, default=1, help="runs of each variant (the fastest is shown)")
     p.add_argument("--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "catseg-startup-bench"))
-    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=VARIANTS + ("checkpoint",), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker == "checkpoint":
+        print(json.dumps(make_checkpoint(args.config, Path(args.weights))))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.config, args.weights)))
         return
     sys.path.insert(0, str(REPO))
     folder = Path(args.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    print("| model | variant | imports s | build s | load s | ready s | first image s | peak RSS ready GiB "
-          "| after first image GiB | RSS ready / checkpoint |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | variant | imports s | build s | load s | ready s | first image s | RSS after imports GiB "
+          "| peak RSS ready GiB | after first image GiB | RSS ready / checkpoint "
+          "| (RSS ready - imports) / checkpoint |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     gib = 2 ** 30
     for name in args.models:
         weights = folder / f"{name}.pth"
         if not weights.is_file():
             print(f"writing {weights} (random weights) ...", file=sys.stderr, flush=True)
-            make_checkpoint(MODELS[name], weights)
+            run_worker("--worker", "checkpoint", "--config", MODELS[name], "--weights", str(weights))
         size = weights.stat().st_size
         results = {}
         for variant in VARIANTS:
-            runs = [run_variant(variant, MODELS[name], weights) for _ in range(args.repeats)]
+            runs = [run_worker("--worker", variant, "--config", MODELS[name], "--weights", str(weights))
+                    for _ in range(args.repeats)]
             r = results[variant] = min(runs, key=lambda x: x["ready_s"])
             print(f"| {name} ({size / gib:.2f} GiB file) | {variant} | {r['imports_s']:.1f} | {r['build_s']:.1f} | "
-                  f"{r['load_s']:.1f} | {r['ready_s']:.1f} | {r['first_image_s']:.1f} | {r['rss_ready'] / gib:.2f} | "
-                  f"{r['rss_first_image'] / gib:.2f} | {r['rss_ready'] / size:.2f} |", flush=True)
+                  f"{r['load_s']:.1f} | {r['ready_s']:.1f} | {r['first_image_s']:.1f} | {r['rss_imports'] / gib:.2f} | "
+                  f"{r['rss_ready'] / gib:.2f} | {r['rss_first_image'] / gib:.2f} | {r['rss_ready'] / size:.2f} | "
+                  f"{(r['rss_ready'] - r['rss_imports']) / size:.2f} |", flush=True)
         old, new = results["build-then-load"], results["direct"]
-        print(f"| {name} | direct / build-then-load | | | | {new['ready_s'] / old['ready_s']:.2f} | | "
-              f"{new['rss_ready'] / old['rss_ready']:.2f} | | |", flush=True)
+        print(f"| {name} | direct / build-then-load | | {new['build_s'] / (old['build_s'] + old['load_s']):.2f} "
+              f"(build + load) | | {new['ready_s'] / old['ready_s']:.2f} | | | "
+              f"{new['rss_ready'] / old['rss_ready']:.2f} | | | |", flush=True)
 
 
 if __name__ == "__main__":
