@@ -6,6 +6,11 @@
   python train_net.py --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
   python train_net.py --config-file configs/vitl_swinb_384.yaml --eval-only --benchmarks all \
       MODEL.WEIGHTS model.pth OUTPUT_DIR output/eval       # the paper's six benchmarks, one table
+  python train_net.py --model cvpr24-large --eval-only --benchmarks all   # a released model by name
+
+--model NAME: a released model's config (unless --config-file is given) and weights (MODEL.WEIGHTS,
+downloaded on first use; a later MODEL.WEIGHTS override wins); --list-models prints the table
+(catseg/weights/models.py). MODEL.WEIGHTS may be an `hf://` name or a huggingface.co link.
 
 Multi-machine: --num-machines, --machine-rank, --dist-url (detectron2's launcher). With
 MODEL.DEVICE cpu, --num-gpus N starts N CPU processes (gloo).
@@ -26,13 +31,19 @@ configs (configs/ of the repository; catseg.config.shipped_config(name) finds th
   cvpr24/vitb_384.yaml         CAT-Seg CVPR'24 (B) recipe: ViT-B/16 (model_base.pth)
   vitl_swinb_384.yaml          CAT-Seg v1 (L) recipe: Swin-B + ViT-L/14@336px (model_final_large.pth)
   vitb_r101_384.yaml           CAT-Seg v1 (B) recipe: R101 + ViT-B/16 (model_final_base.pth)
+  vith_swinb_384.yaml          CAT-Seg v1 (H) recipe: Swin-B + OpenCLIP ViT-H/14 (model_final_huge.pth)
+  vitg_swinb_384.yaml          CAT-Seg v1 (G) recipe: Swin-B + OpenCLIP ViT-bigG/14 (model_final_giant.pth)
   ade150.yaml, ade847.yaml, pc59.yaml, pc459.yaml, voc20.yaml, voc20b.yaml
-                               evaluation protocols of the benchmarks (v1 L; v1 B in vitb/,
-                               CVPR'24 in cvpr24/ and cvpr24/vitb/)
+                               evaluation protocols of the benchmarks (v1 L; v1 B, H, G in vitb/,
+                               vith/, vitg/; CVPR'24 in cvpr24/ and cvpr24/vitb/)
 Your own data: README.md, "Train on your own data".
+
+released models (--model NAME, --list-models): cvpr24-base, cvpr24-large, v1-base, v1-large,
+  v1-huge, v1-giant
 
 examples:
   python train_net.py --config-file configs/quickstart.yaml
+  python train_net.py --model v1-large --config-file configs/ade150.yaml --eval-only
   python train_net.py --config-file configs/cvpr24/ade150.yaml --eval-only MODEL.WEIGHTS model_large.pth
   python train_net.py --config-file configs/cvpr24/vitl_336.yaml --eval-only --benchmarks all MODEL.WEIGHTS model_large.pth
   python train_net.py --config-file my_data.yaml SOLVER.MAX_ITER 200 MODEL.DEVICE cpu
@@ -45,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or evaluate CAT-Seg. Every setting is a config key (catseg/config/keys.py); "
                     "override any with KEY VALUE pairs after the options.")
     p.add_argument("--config-file", default="", metavar="FILE", help="config file (YAML), see the list below")
+    p.add_argument("--model", default="", metavar="NAME",
+                   help="a released model: its config and weights (fine-tune it, or evaluate with --eval-only)")
+    p.add_argument("--list-models", action="store_true", help="print the released models and exit")
     p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS on DATASETS.TEST, no training")
     p.add_argument("--benchmarks", default="", metavar="LIST",
                    help="with --eval-only: 'all' or some of a847,pc459,a150,pc59,pas20,pas20b (official protocols, "
@@ -73,8 +87,10 @@ def prepare_config(args):
     from catseg.data.dataset_classes import resolve_class_lists
     from catseg.engine import prepare_datasets
     from catseg.engine.benchmarks import select_protocols
+    from catseg.weights.hub import fetch_config_weights
 
     cfg = load_config(args.config_file, args.opts)
+    fetch_config_weights(cfg)
     check_weights(cfg, args)
     if args.benchmarks:
         prepare_datasets(cfg, [p.dataset for p in select_protocols(args.benchmarks)] if args.strict else [])
@@ -87,13 +103,16 @@ def prepare_config(args):
 
 def load_model(cfg, resume: bool):
     """The model of `cfg` with MODEL.WEIGHTS (or, with `resume`, the last checkpoint) loaded."""
-    from catseg.weights.checkpointer import CATSegCheckpointer
     from catseg.engine import CATSegTrainer
+    from catseg.modeling.build import build_from_checkpoint
+    from catseg.weights.checkpointer import CATSegCheckpointer
 
-    model = CATSegTrainer.build_model(cfg)
-    CATSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=resume)
-    return model
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")) or not cfg.MODEL.WEIGHTS:
+        model = CATSegTrainer.build_model(cfg)
+        CATSegCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.CHECKPOINT_STRICT).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=resume)
+        return model
+    return build_from_checkpoint(cfg)  # no random initialisation of what MODEL.WEIGHTS replaces
 
 
 def evaluate(cfg, resume: bool = False):
@@ -148,6 +167,17 @@ def check_weights(cfg, args) -> None:
         resolve_pretrained(source)
 
 
+def apply_model(args) -> None:
+    """--model NAME: its config as --config-file (unless one is given), its weights as the first
+    MODEL.WEIGHTS override (so a later one wins); in place."""
+    from catseg.weights.models import released_model
+
+    if args.model:
+        model = released_model(args.model)
+        args.config_file = args.config_file or model.config_path()
+        args.opts = ["MODEL.WEIGHTS", model.weights] + list(args.opts)
+
+
 def start(args):
     """Check everything that can be checked up front (one-line errors), then launch `main`."""
     from detectron2.data import DatasetCatalog
@@ -164,6 +194,7 @@ def start(args):
             select_protocols(args.benchmarks)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    apply_model(args)
     cfg = prepare_config(args)
     if cfg.OUTPUT_DIR:
         make_output_dir(cfg.OUTPUT_DIR)
@@ -179,6 +210,11 @@ def cli(argv=None):
     from catseg.console import setup_cli_logging
     from catseg.errors import report_errors
 
+    if args.list_models:
+        from catseg.weights.models import format_model_table
+
+        print(report_errors(format_model_table, debug=args.debug))
+        return 0
     setup_cli_logging()
     return report_errors(lambda: start(args), debug=args.debug)
 

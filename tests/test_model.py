@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from catseg.modeling import clip, text
-from helpers import make_model
+from helpers import CONFIGS, make_model
 
 RANDOM_CLIP = ["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random"]
 
@@ -26,6 +26,26 @@ def test_state_dict_matches_official(shared, config, tsv):
     model = make_model(config, RANDOM_CLIP)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     official = read_tsv(shared / "reference" / tsv)
+    assert sorted(set(official) - set(ours)) == []
+    assert sorted(set(ours) - set(official)) == []
+    assert {k: s for k, s in ours.items() if official[k] != s} == {}
+
+
+@pytest.mark.parametrize("config", ["vith_swinb_384.yaml", "vitg_swinb_384.yaml"])
+def test_huge_and_giant_state_dicts_match_official(shared, config):
+    """v1 H (OpenCLIP ViT-H/14) and G (ViT-bigG/14): the official keys and shapes. Their large
+    tensors are built on the meta device (catseg/modeling/build.py; 1 and 2.5 billion parameters
+    otherwise), the small ones as usual; config, release presets and derived sizes as load_config gives them."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from catseg.config import load_config
+    from catseg.modeling.build import LargeTensorsOnMeta
+
+    cfg = load_config(str(CONFIGS / config), RANDOM_CLIP + ["MODEL.DEVICE", "cpu"])
+    with LargeTensorsOnMeta():
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    official = read_tsv(shared / "reference" / "official_v1_state_dict" / config.replace(".yaml", ".tsv"))
     assert sorted(set(official) - set(ours)) == []
     assert sorted(set(ours) - set(official)) == []
     assert {k: s for k, s in ours.items() if official[k] != s} == {}

@@ -115,9 +115,10 @@ def test_sam_mode_start_up_errors(tmp_path):
 
 def test_sam_weights_from_a_local_file(tmp_path):
     """The registry path: a vit_b-shaped checkpoint is too big for a test, so a broken file
-    checks that loading goes through MODEL.SAM.WEIGHTS and fails with one line."""
+    checks that loading goes through MODEL.SAM.WEIGHTS (read by catseg's one reader of weight
+    files, catseg/weights/files.py) and fails with one line."""
     (tmp_path / "sam.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="does not load as SAM vit_b"):
+    with pytest.raises(WeightsError, match="sam.pth is not a readable checkpoint"):
         SamRefiner.from_config(make_cfg(opts=["MODEL.SAM.WEIGHTS", str(tmp_path / "sam.pth"), "MODEL.SAM.TYPE", "vit_b"]))
 
 

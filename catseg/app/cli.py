@@ -2,6 +2,11 @@
 
     catseg-demo --config-file configs/vitl_swinb_384.yaml --opts MODEL.WEIGHTS model.pth \\
         --input photos/ "more/*.jpg" --output out/ --vocab "cat, kitten; sofa; floor"
+    catseg-demo --model cvpr24-large --input photo.jpg --output out/ --vocab "cat; sofa"
+
+`--model NAME` picks a released model's config and weights (downloaded on first use; the table:
+`--list-models`, catseg/weights/models.py); `--config-file` or `--opts MODEL.WEIGHTS ...` still
+override them. MODEL.WEIGHTS may be an `hf://` name or a huggingface.co link (catseg/weights/hub.py).
 
 Inputs: files, folders (their image files, not recursive) and glob patterns. `--refine sam`
 labels Segment Anything's automatic masks with CAT-Seg (catseg/app/sam_refine.py; SAM weights from
@@ -34,6 +39,7 @@ from ..config import shipped_config
 from ..console import setup_cli_logging, silence_dependency_warnings
 from ..errors import OutputError, report_errors
 from ..image_io import IMAGE_EXTENSIONS, ImageReadError
+from ..weights.models import format_model_table, released_model
 from .output_dir import make_output_dir
 from .outputs import output_stems, summary_line, write_outputs
 from .predictor import OpenVocabPredictor
@@ -52,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="catseg-demo", description="Open-vocabulary segmentation of image files.",
                                 epilog="Output files and JSON schema: see catseg/app/outputs.py or demo/README.md.")
     p.add_argument("--config-file", default="", help=f"model config (default {DEFAULT_CONFIG}, random weights)")
-    p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
-    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--model", default="", metavar="NAME",
+                   help="a released model: its config and weights (--list-models)")
+    p.add_argument("--list-models", action="store_true", help="print the released models and exit")
+    p.add_argument("--input", nargs="+", help="image files, folders or glob patterns (required)")
+    p.add_argument("--output", help="output folder (created; required)")
     vocab = p.add_mutually_exclusive_group()
     vocab.add_argument("--vocab", help='class names: "cat, kitten; sky" (";" classes, "," synonyms)')
     vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
@@ -106,7 +115,13 @@ def choose_vocabulary(args) -> Optional[List[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        print(report_errors(format_model_table, debug=args.debug))
+        return 0
+    if not args.input or not args.output:
+        parser.error("the following arguments are required: --input, --output")
     setup_cli_logging()
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # ours: every time, one line each
@@ -122,8 +137,9 @@ def run(args) -> int:
     except (EmptyVocabularyError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = args.config_file or str(shipped_config(DEFAULT_CONFIG))
-    if not args.config_file:
+    model = released_model(args.model) if args.model else None
+    config = args.config_file or (model.config_path() if model else str(shipped_config(DEFAULT_CONFIG)))
+    if not args.config_file and not model:
         print(RANDOM_WEIGHTS_BANNER.format(config=config), file=sys.stderr)
     files, unmatched = expand_inputs(args.input)
     for spec in unmatched:
@@ -133,10 +149,11 @@ def run(args) -> int:
         return 1
     out_dir = make_output_dir(args.output)
 
-    opts = args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else [])
+    opts = (["MODEL.WEIGHTS", model.weights] if model else []) + args.opts
+    opts += ["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []
     predictor = OpenVocabPredictor(config, opts=opts, batch_size=args.batch_size, refine=args.refine or "")
     weights = predictor.cfg.MODEL.WEIGHTS
-    if args.config_file and not weights:
+    if (args.config_file or model) and not weights:
         print("WARNING: MODEL.WEIGHTS is empty: the CAT-Seg head has random weights", file=sys.stderr)
     classes = predictor.set_vocabulary(vocabulary if vocabulary is not None else predictor.classes)
     encoder = predictor.head.text_encoder

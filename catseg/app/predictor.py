@@ -32,15 +32,15 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
 
 from ..config import load_config
 from ..data.dataset_classes import resolve_class_lists
 from ..data.datasets import register_from_config
 from ..errors import ConfigError
 from ..image_io import ImageInput, load_image
+from ..modeling.build import build_from_checkpoint
 from ..modeling.tta import CATSegWithTTA
-from ..weights.checkpointer import CATSegCheckpointer
+from ..weights.hub import fetch_config_weights
 from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
@@ -79,7 +79,9 @@ class OpenVocabPredictor:
 
     Args:
         config: a YAML path or a CfgNode (catseg keys added).
-        weights: checkpoint path (default cfg.MODEL.WEIGHTS; "" keeps the built weights).
+        weights: checkpoint path, `hf://` name or huggingface.co link (default cfg.MODEL.WEIGHTS; ""
+            keeps the built weights). Hub files (here and in CLIP_WEIGHTS, MODEL.SAM.WEIGHTS) are
+            downloaded first (catseg/weights/hub.py).
         opts: KEY VALUE config overrides.
         batch_size: images per network pass.
         max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
@@ -90,6 +92,9 @@ class OpenVocabPredictor:
     def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
                  batch_size: int = 2, max_side: Optional[int] = None, refine: str = ""):
         self.cfg = load_config(config, opts)
+        if weights is not None:
+            self.cfg.MODEL.WEIGHTS = weights
+        fetch_config_weights(self.cfg)
         head = self.cfg.MODEL.SEM_SEG_HEAD
         if not (head.TRAIN_CLASS_JSON and head.TEST_CLASS_JSON):  # "": the datasets' class list
             register_from_config(self.cfg)
@@ -98,12 +103,10 @@ class OpenVocabPredictor:
             raise ConfigError(f"refine {refine!r}: expected \"sam\" or \"\"")
         self.refiner: Optional[Callable[[Segmentation], Segmentation]] = \
             SamRefiner.from_config(self.cfg) if refine == "sam" else None
-        self.model = build_model(self.cfg).eval()
+        # with weights: built straight from the checkpoint (no random initialisation, memory-mapped)
+        self.model = build_from_checkpoint(self.cfg).eval()
         # TEST.AUG.ENABLED: every image runs through test-time augmentation (catseg/modeling/tta.py)
         self.network = CATSegWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else self.model
-        weights = self.cfg.MODEL.WEIGHTS if weights is None else weights
-        if weights:
-            CATSegCheckpointer(self.model, strict=self.cfg.MODEL.CHECKPOINT_STRICT).load(weights)
         self.batch_size = max(1, batch_size)
         self.max_side = self.cfg.TEST.MAX_INPUT_SIDE if max_side is None else max_side
         self.text_seconds: Optional[float] = None  # time of the latest text-embedding stage

@@ -5,8 +5,10 @@ masks are painted largest first, so where masks overlap the smaller one's class 
 mask covers keep CAT-Seg's own label (equal areas: the later mask's class shows). The probabilities are not changed.
 
 SAM is optional (`pip install .[sam]`, the `segment-anything` package) and its weights are a
-local file (MODEL.SAM.WEIGHTS, or `--sam-weights` on the command lines), never bundled: the SAM
-authors publish them (facebookresearch/segment-anything, "Model Checkpoints": vit_h, vit_l, vit_b).
+local file or a hub file (MODEL.SAM.WEIGHTS, or `--sam-weights` on the command lines; an `hf://`
+name is downloaded first, catseg/weights/hub.py), never bundled: the SAM authors publish them
+(facebookresearch/segment-anything, "Model Checkpoints": vit_h, vit_l, vit_b). The file is read by
+catseg's one reader of weight files (weights only, nothing unpickled without restriction).
 """
 import dataclasses
 import os
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import CatsegError, ConfigError, WeightsError
+from ..weights.files import read_checkpoint, state_dict_of
 
 MaskGenerator = Callable[[np.ndarray], List[dict]]  # (h, w, 3) uint8 RGB -> [{"segmentation": (h, w) bool}, ...]
 
@@ -59,9 +62,11 @@ class SamRefiner:
             raise ConfigError(f"MODEL.SAM.TYPE {sam_cfg.TYPE!r}: expected one of {', '.join(sam_model_registry)}")
         if not os.path.isfile(sam_cfg.WEIGHTS):
             raise WeightsError(f"SAM weights file {sam_cfg.WEIGHTS} not found (MODEL.SAM.WEIGHTS)")
+        state = state_dict_of(read_checkpoint(sam_cfg.WEIGHTS))
         try:
-            sam = sam_model_registry[sam_cfg.TYPE](checkpoint=sam_cfg.WEIGHTS)
-        except Exception as e:  # torch.load / load_state_dict on a file that is not this SAM's checkpoint
+            sam = sam_model_registry[sam_cfg.TYPE]()
+            sam.load_state_dict(state)
+        except Exception as e:  # load_state_dict of a file that is not this SAM's checkpoint
             raise WeightsError(f"SAM weights file {sam_cfg.WEIGHTS} does not load as SAM {sam_cfg.TYPE} "
                                f"({type(e).__name__})") from e
         sam.to(cfg.MODEL.DEVICE).eval()

@@ -1,6 +1,7 @@
 """`catseg-web` (and demo/app.py): the web demo, a Gradio page on 127.0.0.1.
 
     python demo/app.py --config-file configs/vitl_swinb_384.yaml --weights model_final.pth
+    catseg-web --model cvpr24-large --model v1-large     # released models by name (--list-models)
 
 Upload an image, type a vocabulary ("cat, kitten; sofa; floor", the CLI's syntax) or pick a
 shipped benchmark vocabulary, pick a model, run. The page shows the overlay with its legend, the
@@ -8,7 +9,9 @@ share of pixels of each class present, and offers the label PNG and the JSON of 
 schema (catseg/app/outputs.py) as downloads. Bad inputs (not an image, empty vocabulary, too many
 pixels) give a message in the page; the server keeps serving.
 
-Models: each --config-file (repeatable; --weights gives each its checkpoint, in order). None
+Models: each --model NAME (repeatable; a released model's config and weights, downloaded on first
+use: catseg/weights/models.py), then each --config-file (repeatable; --weights gives each its
+checkpoint, in order: a path, an `hf://` name or a huggingface.co link). None
 given: the quick-start model when `make demo` has trained it (output/quickstart/model_final.pth),
 else configs/tiny.yaml with random weights, behind a banner. One predictor per model is kept in
 memory; text embeddings come from the disk cache. "Refine with Segment Anything" labels SAM's
@@ -43,6 +46,7 @@ from ..console import setup_cli_logging
 from ..data.class_names import load_class_names, shipped_class_lists
 from ..errors import CatsegError, report_errors
 from ..image_io import ImageReadError
+from ..weights.models import format_model_table, released_model
 from .outputs import safe_stem, write_outputs
 from .predictor import OpenVocabPredictor
 from .vocabulary import EmptyVocabularyError, clean_vocabulary, parse_vocabulary
@@ -58,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="catseg-web", description="CAT-Seg web demo (Gradio, 127.0.0.1).")
     p.add_argument("--config-file", action="append", default=[], help="model config; repeat for a model choice")
     p.add_argument("--weights", action="append", default=[], help="checkpoint of each --config-file, in order")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="a released model by name (repeatable; --list-models)")
+    p.add_argument("--list-models", action="store_true", help="print the released models and exit")
     p.add_argument("--sam-weights", default="", help="local SAM checkpoint: enables the SAM-refined mode (MODEL.SAM.WEIGHTS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
@@ -74,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_choices(configs: Sequence[str], weights: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], bool]:
+def model_choices(configs: Sequence[str], weights: Sequence[str],
+                  names: Sequence[str] = ()) -> Tuple[Dict[str, Tuple[str, str]], bool]:
     """({label: (config, weights)}, random) for the command line; see the module docstring."""
-    if configs:
+    released = {name: (released_model(name).config_path(), released_model(name).weights) for name in names}
+    if configs or released:
         padded = list(weights) + [""] * (len(configs) - len(weights))
-        return {f"{Path(c).stem}" + (f" ({Path(w).name})" if w else ""): (c, w) for c, w in zip(configs, padded)}, False
+        given = {f"{Path(c).stem}" + (f" ({Path(w).name})" if w else ""): (c, w) for c, w in zip(configs, padded)}
+        return {**released, **given}, False
     if QUICKSTART[1].is_file():
         return {"quick-start (trained by make demo)": (str(QUICKSTART[0]), str(QUICKSTART[1]))}, False
     return {"tiny (random weights)": (str(TINY), "")}, True
@@ -237,10 +247,13 @@ def build_page(app: WebDemo, random_weights: bool, cache_minutes: float = 10):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_models:
+        print(report_errors(format_model_table, debug=args.debug))
+        return 0
     setup_cli_logging()
 
     def start():
-        models, random_weights = model_choices(args.config_file, args.weights)
+        models, random_weights = model_choices(args.config_file, args.weights, args.model)
         app = WebDemo(models, args.opts + (["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []),
                       concurrency=args.concurrency, keep_results=args.keep_results)
         app.predictor(next(iter(models)))  # load the first model now: start-up errors are one line here

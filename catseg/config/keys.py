@@ -117,7 +117,7 @@ def add_catseg_config(cfg):
     head.TEST_CLASS_JSON = "coco.json"  # class names for inference: a shipped list name or a JSON path
     head.CLIP_PRETRAINED = "ViT-B/16"  # CLIP: official name, "open_clip:ARCH[:TAG]", or a checkpoint path
     head.CLIP_MODEL = ""  # open_clip architecture overriding the one implied by CLIP_PRETRAINED
-    head.CLIP_WEIGHTS = "pretrained"  # "pretrained" (open_clip tag / official), "random", or a .pt/.bin path
+    head.CLIP_WEIGHTS = "pretrained"  # "pretrained" (not read if MODEL.WEIGHTS holds CLIP), "random", path, hf:// name
     head.CLIP_RANDOM_SEED = 0  # seed for CLIP_WEIGHTS "random"
     head.CLIP_RESOLUTION = ()  # (h, w) CLIP input; empty: 384x384 for ViT-B/16, 336x336 otherwise
     head.CLIP_PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]  # CLIP normalisation mean (RGB, 0-255)
@@ -160,7 +160,7 @@ def add_catseg_config(cfg):
     # ---------------------------------------------------------------- SAM-refined mode
     # (front door; catseg/app/sam_refine.py)
     cfg.MODEL.SAM = CN()
-    cfg.MODEL.SAM.WEIGHTS = ""  # local Segment Anything checkpoint for the SAM-refined mode (--refine sam)
+    cfg.MODEL.SAM.WEIGHTS = ""  # Segment Anything checkpoint (path or hf:// name) for the SAM-refined mode (--refine sam)
     cfg.MODEL.SAM.TYPE = "vit_h"  # its architecture: "vit_h", "vit_l" or "vit_b" (segment-anything's registry)
     cfg.MODEL.SAM.POINTS_PER_SIDE = 32  # automatic masks: point prompts per image side
 

@@ -12,6 +12,8 @@ from typing import Tuple
 import open_clip
 import torch
 
+from ..errors import WeightsError
+
 logger = logging.getLogger(__name__)
 
 # Architectures shipped with catseg (tiny ones for tests and the quick-start).
@@ -63,15 +65,34 @@ def default_clip_resolution(pretrained: str) -> Tuple[int, int]:
     return side, side
 
 
+def clip_weights_file(arch: str, tag: str) -> str:
+    """Where open_clip gets the weights `tag` of `arch` (a hub repository or a URL), for messages."""
+    pretrained = open_clip.get_pretrained_cfg(arch, tag) or {}
+    return (f"https://huggingface.co/{pretrained['hf_hub'].rstrip('/')}" if pretrained.get("hf_hub")
+            else pretrained.get("url") or f"open_clip's {arch} weights {tag!r}")
+
+
 def build_clip(pretrained: str, model_override: str = "", weights: str = "pretrained", seed: int = 0):
-    """Build the open_clip model and its tokenizer. Random weights are seeded for reproducibility."""
+    """Build the open_clip model and its tokenizer. Random weights are seeded for reproducibility.
+
+    The model stays where its tensors were created (device=None: open_clip moves nothing), so
+    catseg/modeling/build.py can create the large ones on the meta device. Pretrained weights that cannot
+    be had (no network, unknown tag) raise a one-line WeightsError naming the file and the way to
+    give it."""
     arch, source, image_size = resolve_clip(pretrained, model_override, weights)
     kwargs = {"force_image_size": image_size} if image_size else {}
+    kwargs["device"] = None
     if source is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(arch, pretrained=None, **kwargs)
     else:
         logger.info("Loading CLIP %s with weights %s", arch, source)
-        model = open_clip.create_model(arch, pretrained=source, **kwargs)
+        try:
+            model = open_clip.create_model(arch, pretrained=source, require_pretrained=True, **kwargs)
+        except Exception as e:  # offline, unreachable, unknown tag, unreadable file: all end the same way
+            raise WeightsError(
+                f"cannot get the CLIP weights {clip_weights_file(arch, source)} ({type(e).__name__}): download them "
+                "and set MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS to the file's path, or give MODEL.WEIGHTS a full CAT-Seg "
+                "checkpoint (it holds CLIP)") from None
     return model.float(), open_clip.get_tokenizer(arch)

@@ -3,6 +3,7 @@
 The predictor owns the dense CLIP encoder (`clip_model`) and the aggregator (`transformer`);
 these names give the official state_dict keys `sem_seg_head.predictor.{clip_model,transformer}.*`.
 """
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -11,18 +12,33 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
 from ..data.class_names import load_class_names
+from ..weights.files import checkpoint_keys
 from . import clip
 from .aggregator import Aggregator
 from .chunking import ChunkBudget
 from .clip_encoder import DenseCLIPEncoder
 from .text import CachedTextEncoder, prompt_templates, text_tower_fingerprint
 
+CLIP_PREFIX = "sem_seg_head.predictor.clip_model."  # where CLIP's tensors are in a CAT-Seg state_dict
+
+
+def clip_weights_source(cfg) -> str:
+    """CLIP_WEIGHTS, except "random" for "pretrained" when MODEL.WEIGHTS is a local file holding
+    CLIP's tensors (every official CAT-Seg checkpoint does): they replace the pretrained ones, so
+    those are not downloaded (only the checkpoint's keys are read here)."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    weights = cfg.MODEL.WEIGHTS
+    if head.CLIP_WEIGHTS != "pretrained" or not weights or not os.path.isfile(weights):
+        return head.CLIP_WEIGHTS
+    return "random" if any(k.startswith(CLIP_PREFIX) for k in checkpoint_keys(weights)) else head.CLIP_WEIGHTS
+
 
 def build_clip_encoder(cfg) -> Tuple[DenseCLIPEncoder, object]:
-    """The DenseCLIPEncoder of MODEL.SEM_SEG_HEAD (weights, release options, prompts,
-    fine-tuning) and its tokenizer."""
+    """The DenseCLIPEncoder of MODEL.SEM_SEG_HEAD (weights: `clip_weights_source`, release
+    options, prompts, fine-tuning) and its tokenizer."""
     head = cfg.MODEL.SEM_SEG_HEAD
-    model, tokenizer = clip.build_clip(head.CLIP_PRETRAINED, head.CLIP_MODEL, head.CLIP_WEIGHTS, head.CLIP_RANDOM_SEED)
+    model, tokenizer = clip.build_clip(head.CLIP_PRETRAINED, head.CLIP_MODEL, clip_weights_source(cfg),
+                                       head.CLIP_RANDOM_SEED)
     encoder = DenseCLIPEncoder(model, dense_block=head.CLIP_DENSE_BLOCK, attn_weights=head.CLIP_ATTN_WEIGHTS)
     encoder.add_visual_prompts(head.PROMPT_DEPTH, head.PROMPT_LENGTH)
     encoder.set_finetune(head.CLIP_FINETUNE)

@@ -67,9 +67,12 @@ def check_release(source: str, checkpoint_keys: Iterable[str], model_keys: Itera
 class CATSegCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic saves and a single mismatch report on load."""
 
-    def __init__(self, model, save_dir: str = "", *, strict: bool = False, **kwargs):
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False, preloaded=None, **kwargs):
+        """`preloaded`: the checkpoint dict of the file the next `load` names, already read (by
+        catseg/modeling/build.py), used instead of reading the file again."""
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
+        self._preloaded = preloaded
         self._source = ""
         self._backbone_init = None  # backbone-only checkpoint: (layout name, surplus keys, other unused keys)
 
@@ -97,6 +100,9 @@ class CATSegCheckpointer(DetectionCheckpointer):
         return super().load(path, checkpointables)
 
     def _load_file(self, filename: str):
+        if self._preloaded is not None:
+            checkpoint, self._preloaded = self._preloaded, None
+            return checkpoint
         return read_checkpoint(filename)
 
     def _load_model(self, checkpoint):
