@@ -1,12 +1,16 @@
 # The two commands of the README. Both install what is missing into .venv first.
 PY := .venv/bin/python
 
-.PHONY: install test demo clean
+.PHONY: install lint test demo clean
 
 install:
 	@bash tools/install.sh
 
-test: install
+# ruff: pyflakes, import order, line length 120 (pyproject.toml)
+lint: install
+	$(PY) -m ruff check catseg tests benchmarks datasets demo train_net.py
+
+test: lint
 	$(PY) -m pytest -n 2 -q tests
 
 demo: install
