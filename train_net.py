@@ -45,7 +45,8 @@ examples:
   python train_net.py --config-file configs/quickstart.yaml
   python train_net.py --model v1-large --config-file configs/ade150.yaml --eval-only
   python train_net.py --config-file configs/cvpr24/ade150.yaml --eval-only MODEL.WEIGHTS model_large.pth
-  python train_net.py --config-file configs/cvpr24/vitl_336.yaml --eval-only --benchmarks all MODEL.WEIGHTS model_large.pth
+  python train_net.py --config-file configs/cvpr24/vitl_336.yaml --eval-only --benchmarks all \\
+      MODEL.WEIGHTS model_large.pth
   python train_net.py --config-file my_data.yaml SOLVER.MAX_ITER 200 MODEL.DEVICE cpu
 """
 
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes per machine: GPUs, or CPU processes with MODEL.DEVICE cpu (default 1)")
     p.add_argument("--num-machines", type=int, default=1, help="machines taking part (default 1)")
     p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine, 0..num-machines-1")
-    p.add_argument("--dist-url", default="auto", help="rendezvous URL of multi-machine runs (default: a free local port)")
+    p.add_argument("--dist-url", default="auto",
+                   help="rendezvous URL of multi-machine runs (default: a free local port)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                    help="config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth SOLVER.MAX_ITER 100")

@@ -7,8 +7,9 @@ and 8 clients, each sending --requests images one after the other (gradio_client
 The server is `demo/app.py` with the quick-start model (configs/quickstart.yaml): its trained
 weights when `make demo` has written output/quickstart/model_final.pth, else random weights
 (same network, same cost; the table says which). Default server settings (--concurrency 1:
-one model pass at a time); --server-args adds others (before --opts: no --opts of its own). Peak RSS: the server's resident memory
-sampled every 20 ms during each level (VmRSS), and its all-time peak (VmHWM) after it.
+one model pass at a time); --server-args adds others (before --opts: no --opts of its own).
+Peak RSS: the server's resident memory sampled every 20 ms during each level (VmRSS), and its
+all-time peak (VmHWM) after it.
 """
 import argparse
 import json

@@ -119,7 +119,8 @@ def test_sam_weights_from_a_local_file(tmp_path):
     files, catseg/weights/files.py) and fails with one line."""
     (tmp_path / "sam.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="sam.pth is not a readable checkpoint"):
-        SamRefiner.from_config(make_cfg(opts=["MODEL.SAM.WEIGHTS", str(tmp_path / "sam.pth"), "MODEL.SAM.TYPE", "vit_b"]))
+        SamRefiner.from_config(make_cfg(opts=["MODEL.SAM.WEIGHTS", str(tmp_path / "sam.pth"),
+                                              "MODEL.SAM.TYPE", "vit_b"]))
 
 
 def test_cli_and_page_without_sam_weights_say_so(tmp_path, capsys):

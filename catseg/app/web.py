@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="a released model by name (repeatable; --list-models)")
     p.add_argument("--list-models", action="store_true", help="print the released models and exit")
-    p.add_argument("--sam-weights", default="", help="local SAM checkpoint: enables the SAM-refined mode (MODEL.SAM.WEIGHTS)")
+    p.add_argument("--sam-weights", default="",
+                   help="local SAM checkpoint: enables the SAM-refined mode (MODEL.SAM.WEIGHTS)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                    help="port (default: $GRADIO_SERVER_PORT, else 7860)")
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gradio's copies of uploads and results are deleted after this age (default 10)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted, in MB (default 20)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every model: KEY VALUE ...")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides for every model: KEY VALUE ...")
     return p
 
 
@@ -207,7 +209,8 @@ class WebDemo:
         h, w = record["image_size"]
         status = f"Done: {w}x{h}, {len(vocabulary)} classes, {seconds:.2f} s."
         print(f"request {out.name}: {status}", file=sys.stderr, flush=True)  # the server's log: one line a request
-        return status, str(out / record["overlay"]), legend, rows, [str(out / record["label_map"]), str(out / f"{stem}.json")]
+        downloads = [str(out / record["label_map"]), str(out / f"{stem}.json")]
+        return status, str(out / record["overlay"]), legend, rows, downloads
 
 
 def build_page(app: WebDemo, random_weights: bool, cache_minutes: float = 10):

@@ -36,7 +36,7 @@ def add_catseg_config(cfg):
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0  # crop retries until no class covers more than this share
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # training: pad image/label to a multiple of this (-1: off)
     cfg.INPUT.MAX_IMAGE_PIXELS = 100_000_000  # predictor/demo: files with more pixels refused from the header (0: any)
-    cfg.DATALOADER.CORRUPT_LABELS = "error"  # custom data, corrupt label or image: "error" (one line) or "skip" (counted)
+    cfg.DATALOADER.CORRUPT_LABELS = "error"  # custom data, corrupt label / image: "error" (one line), "skip" (counted)
     cfg.DATASETS.CUSTOM = []  # custom datasets: "name:image_dir:label_dir:classes.json[:ignore]" (ignore default 255)
 
     # ---------------------------------------------------------------- solver
@@ -160,7 +160,7 @@ def add_catseg_config(cfg):
     # ---------------------------------------------------------------- SAM-refined mode
     # (front door; catseg/app/sam_refine.py)
     cfg.MODEL.SAM = CN()
-    cfg.MODEL.SAM.WEIGHTS = ""  # Segment Anything checkpoint (path or hf:// name) for the SAM-refined mode (--refine sam)
+    cfg.MODEL.SAM.WEIGHTS = ""  # Segment Anything checkpoint (path or hf:// name) for --refine sam
     cfg.MODEL.SAM.TYPE = "vit_h"  # its architecture: "vit_h", "vit_l" or "vit_b" (segment-anything's registry)
     cfg.MODEL.SAM.POINTS_PER_SIDE = 32  # automatic masks: point prompts per image side
 
