@@ -153,7 +153,7 @@ class NotDone:
     def __init__(self, folder: LabelFolder, overwrite: bool):
         self.folder, self.overwrite = folder, overwrite
 
-    def __call__(self, path: Path) -> bool:
+    def __call__(self, path: str) -> bool:
         return self.overwrite or not self.folder.is_done(path)
 
 

@@ -67,13 +67,13 @@ class LabelFolder:
         for kind in kinds:
             (self.root / kind).mkdir(parents=True, exist_ok=True)
 
-    def is_done(self, source: Path) -> bool:
-        """Whether `source` has its record (checks one path; the image is not opened)."""
-        return self.path("records", source.stem).exists()
+    def is_done(self, source: str) -> bool:
+        """Whether input path `source` has its record (one stat; the image is not opened)."""
+        return os.path.exists(os.path.join(self.root, "records", stem_of(source) + ".json"))
 
-    def write(self, source: Path, result, top_k: int = 0, overlay: bool = False) -> None:
-        """All outputs of one Segmentation of `source`, the record last."""
-        stem, labels = source.stem, result.labels.numpy()
+    def write(self, source: str, result, top_k: int = 0, overlay: bool = False) -> None:
+        """All outputs of one Segmentation of input path `source`, the record last."""
+        stem, labels = stem_of(source), result.labels.numpy()
         dtype = label_dtype(len(result.classes))
         self.link_image(source)
         atomic_write(self.path("labels", stem), lambda f: Image.fromarray(labels.astype(dtype)).save(f, format="PNG"))
@@ -90,9 +90,9 @@ class LabelFolder:
                               for i in present]}
         write_json(self.path("records", stem), record)
 
-    def link_image(self, source: Path) -> None:
+    def link_image(self, source: str) -> None:
         """OUT/images/<name> -> the input (a symbolic link; a copy where links are not allowed)."""
-        target = self.root / "images" / source.name
+        target = self.root / "images" / os.path.basename(source)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             os.symlink(os.path.abspath(source), tmp)
@@ -121,7 +121,7 @@ class LabelFolder:
                 if line.strip():
                     entry = json.loads(line)
                     latest[entry["path"]] = entry
-        kept = [e for p, e in latest.items() if not self.is_done(Path(p))]
+        kept = [e for p, e in latest.items() if not self.is_done(p)]
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept)
         atomic_write(self.failures, lambda f: f.write(text.encode("utf-8")))
         return len(kept)
@@ -143,6 +143,11 @@ class LabelFolder:
         path = self.root / "train.yaml"
         atomic_write(path, lambda f: f.write(text.encode("utf-8")))
         return path
+
+
+def stem_of(path: str) -> str:
+    """'photos/cat.01.jpg' -> 'cat.01' (os.path, not pathlib: see catseg/app/input_stream.py)."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def write_json(path: Path, value) -> None:

@@ -1,0 +1,184 @@
+"""The pieces of catseg-label in one process: lazy listing and stable shards (100,000 paths in
+bounded memory, nothing opened), the restart's skip check (no image opened), size-grouped
+batches, and `segment_many` (input order, DataLoader workers, unreadable images)."""
+import pathlib
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catseg.app.image_stream import ImageStream, Item, SizeBatcher, in_input_order
+from catseg.app.input_stream import in_shard, iter_inputs, iter_shard
+from catseg.app.label import NotDone, ShardInputs
+from catseg.app.label_folder import LabelFolder
+from catseg.app.predictor import OpenVocabPredictor
+from catseg.image_io import ImageReadError
+from helpers import make_cfg
+
+VOCAB = ["sky", "grass", "sea"]
+OPENED = []  # paths opened while RECORDING is set (an audit hook cannot be removed: it checks the flag)
+RECORDING = [False]
+
+
+def _audit(event, args):
+    if RECORDING[0] and event == "open" and args and isinstance(args[0], (str, bytes, Path)):
+        OPENED.append(str(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def write_list(path: Path, count: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(f"photos/{i // 1000:03d}/img_{i:07d}.jpg\n")
+    return path
+
+
+def peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def ours(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes held, leaving out blocks allocated inside pathlib: its sys.intern of path parts
+    resizes the interpreter's interned-string table, whose size follows every live interned
+    string (torch's thousands included), not our inputs."""
+    return sum(s.size for s in snapshot.filter_traces([tracemalloc.Filter(False, pathlib.__file__)]).statistics("filename"))
+
+
+def test_listing_and_sharding_100000_paths_in_bounded_memory(tmp_path):
+    big, small = write_list(tmp_path / "big.txt", 100_000), write_list(tmp_path / "small.txt", 10_000)
+    counts = {}
+
+    def count(list_file, rank):
+        counts[(list_file.name, rank)] = sum(1 for _ in iter_shard(iter_inputs([str(list_file)]), rank, 2))
+
+    peaks = [peak_bytes(lambda: count(small, 0)), peak_bytes(lambda: count(big, 0))]
+    count(big, 1)
+    assert counts[("big.txt", 0)] + counts[("big.txt", 1)] == 100_000
+    assert 45_000 < counts[("big.txt", 0)] < 55_000  # a hash split: balanced, not a prefix
+    assert peaks[1] < 256 * 1024 and peaks[1] < 2 * peaks[0] + 64 * 1024, peaks  # 10x the paths, same memory
+
+
+def test_the_whole_stream_over_100000_missing_paths_holds_no_list(tmp_path):
+    """Through ImageStream as catseg-label runs it: each path is a failure ("no such file", from a
+    stat, never an open), and memory stays bounded."""
+    big = write_list(tmp_path / "big.txt", 100_000)
+    stream = ImageStream(ShardInputs([str(big)], 1, 2), should_load=NotDone(LabelFolder(tmp_path / "out"), False))
+    seen = {"items": 0, "failed": 0}
+    held = []
+    RECORDING[0] = True
+    tracemalloc.start()
+    try:
+        for item in stream:
+            seen["items"] += 1
+            seen["failed"] += "no such file" in item.error
+            if seen["items"] % 5000 == 0:
+                held.append(ours(tracemalloc.take_snapshot()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        RECORDING[0] = False
+    assert seen["items"] == seen["failed"] == sum(in_shard(p, 1, 2) for p in iter_inputs([str(big)]))
+    assert len(held) == 10 and max(held) < 256 * 1024 and held[-1] < held[0] + 64 * 1024, held
+    assert peak < 32 * 2**20  # the whole stream, interned-string table included
+    assert [p for p in OPENED if "img_" in p] == []
+
+
+def test_shards_are_stable_disjoint_and_complete(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(60):
+        (folder / f"{i:03d}.png").write_bytes(b"")
+    (folder / "notes.md").write_text("not an image")
+    everything = sorted(iter_inputs([str(folder)]))
+    assert len(everything) == 60
+    shards = [list(iter_shard(iter_inputs([str(folder)]), r, 3)) for r in range(3)]
+    assert sorted(p for s in shards for p in s) == everything and all(shards)
+    glob_shards = [sorted(iter_shard(iter_inputs([str(folder / "*.png")]), r, 3)) for r in range(3)]
+    assert glob_shards == [sorted(s) for s in shards]  # same path string, same process, however listed
+    unmatched = []
+    assert list(iter_inputs([str(tmp_path / "nothing*.jpg")], unmatched)) == [] and len(unmatched) == 1
+
+
+def test_restart_skips_done_images_without_opening_them(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(folder / f"{i:02d}.png")
+    out = LabelFolder(tmp_path / "out")
+    out.make_dirs(probs=False, overlays=False)
+    for i in range(0, 20, 2):  # even images are done
+        out.path("records", f"{i:02d}").write_text("{}")
+    stream = ImageStream(ShardInputs([str(folder)], 0, 1), should_load=NotDone(out, overwrite=False))
+    RECORDING[0] = True
+    try:
+        items = list(stream)
+    finally:
+        RECORDING[0] = False
+    skipped = sorted(Path(it.key).stem for it in items if it.skipped)
+    assert skipped == [f"{i:02d}" for i in range(0, 20, 2)]
+    assert sorted(Path(it.key).stem for it in items if it.ready) == [f"{i:02d}" for i in range(1, 20, 2)]
+    opened = {Path(p).name for p in OPENED if str(folder) in p}
+    assert opened == {f"{i:02d}.png" for i in range(1, 20, 2)}  # the done ones were never opened
+    redo = ImageStream(ShardInputs([str(folder)], 0, 1), should_load=NotDone(out, overwrite=True))
+    assert all(it.ready for it in redo)
+
+
+def item(index, h, w):
+    return Item(index, index, rgb=np.zeros((h, w, 3), np.uint8), size=(h, w))
+
+
+def test_size_batcher_groups_sizes_within_a_window():
+    batcher = SizeBatcher(batch_size=2, window=4)
+    sizes = [(10, 20), (30, 30), (10, 20), (5, 5), (6, 6), (7, 7), (8, 8), (30, 30)]
+    batches = []
+    for i, (h, w) in enumerate(sizes):
+        batches += batcher.add(item(i, h, w))
+        assert len(batcher.pending) < 4
+    batches += batcher.flush()
+    indices = [[it.index for it in b] for b in batches]
+    assert indices[0] == [0, 2]  # the two 10x20 images together
+    assert sorted(i for b in indices for i in b) == list(range(len(sizes)))
+    assert all(len(b) <= 2 for b in indices)
+
+
+def test_in_input_order():
+    pairs = [(item(i, 1, 1), i) for i in (2, 0, 1, 4, 3)]
+    assert [r for _, r in in_input_order(pairs)] == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    torch.manual_seed(0)
+    cache = tmp_path_factory.mktemp("text_cache")
+    return OpenVocabPredictor(make_cfg(opts=["MODEL.SEM_SEG_HEAD.TEXT_CACHE_DIR", str(cache)]), batch_size=3)
+
+
+def test_segment_many_is_predict_in_input_order(predictor, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(64, 96), (96, 64), (64, 96), (80, 80), (64, 96), (50, 70), (96, 64)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    inputs = paths[:3] + [bad] + paths[3:]
+    expected = predictor.predict(paths, VOCAB)
+    for workers in (0, 2):
+        results = list(predictor.segment_many(inputs, num_workers=workers, errors="yield"))
+        assert len(results) == len(inputs) and isinstance(results[3], ImageReadError) and "bad.jpg" in str(results[3])
+        got = results[:3] + results[4:]
+        for r, e in zip(got, expected):
+            assert r.image_size == e.image_size and torch.equal(r.labels, e.labels)
+    with pytest.raises(ImageReadError, match="bad.jpg"):
+        list(predictor.segment_many(inputs))
