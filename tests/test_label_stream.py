@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from catseg.app.image_stream import ImageStream, Item, SizeBatcher, in_input_order
-from catseg.app.input_stream import in_shard, iter_inputs, iter_shard
-from catseg.app.label import NotDone, ShardInputs
+from catseg.app.image_stream import ImageStream, Item, in_input_order, size_batches
+from catseg.app.input_stream import iter_blocks, iter_inputs
+from catseg.app.label import Listing, NotDone
 from catseg.app.label_folder import LabelFolder
 from catseg.app.predictor import OpenVocabPredictor
 from catseg.image_io import ImageReadError
@@ -55,17 +55,20 @@ def ours(snapshot: tracemalloc.Snapshot) -> int:
     return sum(s.size for s in snapshot.filter_traces([tracemalloc.Filter(False, pathlib.__file__)]).statistics("filename"))
 
 
+def shard(specs, rank, world_size, block=16):
+    return [path for b in iter_blocks(iter_inputs(specs), block, rank, world_size) for _, path in b]
+
+
 def test_listing_and_sharding_100000_paths_in_bounded_memory(tmp_path):
     big, small = write_list(tmp_path / "big.txt", 100_000), write_list(tmp_path / "small.txt", 10_000)
     counts = {}
 
     def count(list_file, rank):
-        counts[(list_file.name, rank)] = sum(1 for _ in iter_shard(iter_inputs([str(list_file)]), rank, 2))
+        counts[(list_file.name, rank)] = sum(len(b) for b in iter_blocks(iter_inputs([str(list_file)]), 16, rank, 2))
 
     peaks = [peak_bytes(lambda: count(small, 0)), peak_bytes(lambda: count(big, 0))]
     count(big, 1)
-    assert counts[("big.txt", 0)] + counts[("big.txt", 1)] == 100_000
-    assert 45_000 < counts[("big.txt", 0)] < 55_000  # a hash split: balanced, not a prefix
+    assert counts[("big.txt", 0)] == counts[("big.txt", 1)] == 50_000
     assert peaks[1] < 256 * 1024 and peaks[1] < 2 * peaks[0] + 64 * 1024, peaks  # 10x the paths, same memory
 
 
@@ -73,22 +76,23 @@ def test_the_whole_stream_over_100000_missing_paths_holds_no_list(tmp_path):
     """Through ImageStream as catseg-label runs it: each path is a failure ("no such file", from a
     stat, never an open), and memory stays bounded."""
     big = write_list(tmp_path / "big.txt", 100_000)
-    stream = ImageStream(ShardInputs([str(big)], 1, 2), should_load=NotDone(LabelFolder(tmp_path / "out"), False))
+    stream = ImageStream(Listing([str(big)]), 16, 1, 2, should_load=NotDone(LabelFolder(tmp_path / "out"), False))
     seen = {"items": 0, "failed": 0}
     held = []
     RECORDING[0] = True
     tracemalloc.start()
     try:
-        for item in stream:
-            seen["items"] += 1
-            seen["failed"] += "no such file" in item.error
-            if seen["items"] % 5000 == 0:
-                held.append(ours(tracemalloc.take_snapshot()))
+        for block in stream:
+            for item in block:
+                seen["items"] += 1
+                seen["failed"] += "no such file" in item.error
+                if seen["items"] % 5000 == 0:
+                    held.append(ours(tracemalloc.take_snapshot()))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
         RECORDING[0] = False
-    assert seen["items"] == seen["failed"] == sum(in_shard(p, 1, 2) for p in iter_inputs([str(big)]))
+    assert seen["items"] == seen["failed"] == 50_000
     assert len(held) == 10 and max(held) < 256 * 1024 and held[-1] < held[0] + 64 * 1024, held
     assert peak < 32 * 2**20  # the whole stream, interned-string table included
     assert [p for p in OPENED if "img_" in p] == []
@@ -100,12 +104,12 @@ def test_shards_are_stable_disjoint_and_complete(tmp_path):
     for i in range(60):
         (folder / f"{i:03d}.png").write_bytes(b"")
     (folder / "notes.md").write_text("not an image")
-    everything = sorted(iter_inputs([str(folder)]))
+    everything = list(iter_inputs([str(folder)]))
     assert len(everything) == 60
-    shards = [list(iter_shard(iter_inputs([str(folder)]), r, 3)) for r in range(3)]
-    assert sorted(p for s in shards for p in s) == everything and all(shards)
-    glob_shards = [sorted(iter_shard(iter_inputs([str(folder / "*.png")]), r, 3)) for r in range(3)]
-    assert glob_shards == [sorted(s) for s in shards]  # same path string, same process, however listed
+    shards = [shard([str(folder)], r, 3, block=4) for r in range(3)]
+    assert sorted(p for s in shards for p in s) == sorted(everything) and all(len(s) == 20 for s in shards)
+    assert [shard([str(folder)], r, 3, block=4) for r in range(3)] == shards  # listed again: the same split
+    assert shard([str(folder)], 0, 1, block=4) == everything
     unmatched = []
     assert list(iter_inputs([str(tmp_path / "nothing*.jpg")], unmatched)) == [] and len(unmatched) == 1
 
@@ -119,10 +123,10 @@ def test_restart_skips_done_images_without_opening_them(tmp_path):
     out.make_dirs(probs=False, overlays=False)
     for i in range(0, 20, 2):  # even images are done
         out.path("records", f"{i:02d}").write_text("{}")
-    stream = ImageStream(ShardInputs([str(folder)], 0, 1), should_load=NotDone(out, overwrite=False))
+    stream = ImageStream(Listing([str(folder)]), 8, should_load=NotDone(out, overwrite=False))
     RECORDING[0] = True
     try:
-        items = list(stream)
+        items = [item for block in stream for item in block]
     finally:
         RECORDING[0] = False
     skipped = sorted(Path(it.key).stem for it in items if it.skipped)
@@ -130,26 +134,19 @@ def test_restart_skips_done_images_without_opening_them(tmp_path):
     assert sorted(Path(it.key).stem for it in items if it.ready) == [f"{i:02d}" for i in range(1, 20, 2)]
     opened = {Path(p).name for p in OPENED if str(folder) in p}
     assert opened == {f"{i:02d}.png" for i in range(1, 20, 2)}  # the done ones were never opened
-    redo = ImageStream(ShardInputs([str(folder)], 0, 1), should_load=NotDone(out, overwrite=True))
-    assert all(it.ready for it in redo)
+    redo = ImageStream(Listing([str(folder)]), 8, should_load=NotDone(out, overwrite=True))
+    assert all(it.ready for block in redo for it in block)
 
 
 def item(index, h, w):
     return Item(index, index, rgb=np.zeros((h, w, 3), np.uint8), size=(h, w))
 
 
-def test_size_batcher_groups_sizes_within_a_window():
-    batcher = SizeBatcher(batch_size=2, window=4)
-    sizes = [(10, 20), (30, 30), (10, 20), (5, 5), (6, 6), (7, 7), (8, 8), (30, 30)]
-    batches = []
-    for i, (h, w) in enumerate(sizes):
-        batches += batcher.add(item(i, h, w))
-        assert len(batcher.pending) < 4
-    batches += batcher.flush()
-    indices = [[it.index for it in b] for b in batches]
-    assert indices[0] == [0, 2]  # the two 10x20 images together
-    assert sorted(i for b in indices for i in b) == list(range(len(sizes)))
-    assert all(len(b) <= 2 for b in indices)
+def test_size_batches_group_a_blocks_sizes():
+    sizes = [(10, 20), (30, 30), (10, 20), (5, 5), (30, 30), (10, 20)]
+    block = [item(i, h, w) for i, (h, w) in enumerate(sizes)] + [Item(6, 6, error="unreadable")]
+    batches = [[it.index for it in b] for b in size_batches(block, 2)]
+    assert batches == [[3, 0], [2, 5], [1, 4]]  # sorted by size, then input order; failures left out
 
 
 def test_in_input_order():

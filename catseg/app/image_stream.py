@@ -1,20 +1,22 @@
 """The batched image pipeline of `OpenVocabPredictor.segment_many` and `catseg-label`.
 
-    inputs --(DataLoader workers: skip check, decode, downscale)--> items in input order
-           --(SizeBatcher: same-size images together)--> network batches --> results
+    inputs --(blocks of consecutive inputs, dealt out to the processes)-->
+           --(DataLoader workers: skip check, decode, downscale, one block each in turn)-->
+           --(size_batches: a block's images sorted by size, cut into batches)--> network
 
-`ImageStream` is a torch IterableDataset: worker w of W takes the items whose index is w modulo
-W, and the DataLoader fetches from the workers in turn, so items arrive in input order while
-up to 2 x W images are being decoded beside the network (`prefetch_factor` 2). With 0 workers
-the same code runs in the calling process. An input that cannot be read becomes an item with
-its `error` (one line); one that `should_load` refuses (e.g. already labelled) an item with
-`skipped` set, decoded never.
+`ImageStream` is a torch IterableDataset over blocks of `block_size` consecutive inputs
+(catseg/app/input_stream.py: block k belongs to process k modulo the world size). Worker w of
+W loads the process's blocks j with j modulo W = w, and the DataLoader takes one block from
+each worker in turn, so blocks arrive in input order while up to 2 x W blocks are decoded
+beside the network (`prefetch_factor` 2). With 0 workers the same code runs in the calling
+process. An input that cannot be read becomes an item with its `error` (one line); one that
+`should_load` refuses (e.g. already labelled) an item with `skipped` set, decoded never.
 
-`SizeBatcher` holds at most `window` decoded images: a batch leaves as soon as `batch_size`
-images of one size are waiting; when the window is full, the oldest images leave together
-whatever their sizes (the model pads and resizes each image on its own, so a mixed batch gives
-each image what it gets alone). Memory is therefore bounded by the window and the prefetch,
-never by the number of inputs.
+Within a block, images are sorted by size and cut into batches of `batch_size` (the model
+pads and resizes each image on its own, so a batch of mixed sizes is fine too). The batches are
+thus a function of the input list alone — not of the number of processes or workers — and so
+are the float results: labels are byte-identical whatever the launch. Memory is bounded by the
+blocks in flight, never by the number of inputs.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -23,8 +25,9 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..image_io import ImageReadError, load_image
+from .input_stream import iter_blocks
 
-WINDOW_BATCHES = 4  # SizeBatcher window, in batches
+BLOCK_BATCHES = 4  # a block holds this many batches: the window in which sizes are grouped
 
 
 @dataclass
@@ -49,23 +52,26 @@ class Item:
 
 
 class ImageStream(IterableDataset):
-    """Items of `inputs`, an iterable of (key, image input) — file paths, PIL images or arrays.
+    """Blocks (lists of Items) of `inputs`, an iterable of (key, image input) — file paths, PIL
+    images or arrays — for process `rank` of `world_size`.
 
     `inputs` is iterated once per worker, so with workers it must be re-iterable (a list, or an
     object whose __iter__ lists lazily). `should_load(key)` False marks an item skipped without
     reading it. `max_side` and `format` as in catseg.image_io.load_image.
     """
 
-    def __init__(self, inputs: Iterable[Tuple[object, object]], max_side: int = 0, format: str = "RGB",
-                 should_load: Optional[Callable[[object], bool]] = None):
-        self.inputs, self.max_side, self.format, self.should_load = inputs, max_side, format, should_load
+    def __init__(self, inputs: Iterable[Tuple[object, object]], block_size: int, rank: int = 0, world_size: int = 1,
+                 max_side: int = 0, format: str = "RGB", should_load: Optional[Callable[[object], bool]] = None):
+        self.inputs, self.block_size, self.rank, self.world_size = inputs, block_size, rank, world_size
+        self.max_side, self.format, self.should_load = max_side, format, should_load
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[List[Item]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index, (key, image) in enumerate(self.inputs):
-            if index % workers == worker:
-                yield self.load(index, key, image)
+        blocks = iter_blocks(self.inputs, self.block_size, self.rank, self.world_size)
+        for j, block in enumerate(blocks):
+            if j % workers == worker:
+                yield [self.load(index, key, image) for index, (key, image) in block]
 
     def load(self, index: int, key, image) -> Item:
         if self.should_load is not None and not self.should_load(key):
@@ -81,71 +87,32 @@ def one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def pass_through(item):
-    """The DataLoader's collate function: items go through untouched (module level: picklable)."""
-    return item
+def pass_through(block):
+    """The DataLoader's collate function: blocks go through untouched (module level: picklable)."""
+    return block
 
 
-def stream_items(stream: ImageStream, num_workers: int) -> Iterable[Item]:
-    """The stream's items in input order, decoded by `num_workers` DataLoader workers (0: here)."""
+def stream_blocks(stream: ImageStream, num_workers: int) -> Iterable[List[Item]]:
+    """The stream's blocks in input order, decoded by `num_workers` DataLoader workers (0: here)."""
     if num_workers <= 0:
         return iter(stream)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=pass_through)
 
 
-class SizeBatcher:
-    """Groups decoded items into batches of up to `batch_size`, same sizes together (see the
-    module docstring); at most `window` items wait."""
-
-    def __init__(self, batch_size: int, window: int):
-        self.batch_size, self.window = batch_size, max(window, batch_size)
-        self.pending: List[Item] = []
-
-    def add(self, item: Item) -> List[List[Item]]:
-        """Take `item`; returns the batches ready now."""
-        self.pending.append(item)
-        same = [p for p in self.pending if p.rgb.shape == item.rgb.shape]
-        if len(same) >= self.batch_size:
-            return [self.take(same[:self.batch_size])]
-        if len(self.pending) >= self.window:
-            return [self.take(self.pending[:self.batch_size])]
-        return []
-
-    def flush(self) -> List[List[Item]]:
-        """The waiting items as batches: full same-size groups first, then the rest in order."""
-        batches = []
-        for shape in dict.fromkeys(p.rgb.shape for p in self.pending):
-            same = [p for p in self.pending if p.rgb.shape == shape]
-            while len(same) >= self.batch_size:
-                batches.append(self.take(same[:self.batch_size]))
-                same = same[self.batch_size:]
-        while self.pending:
-            batches.append(self.take(self.pending[:self.batch_size]))
-        return batches
-
-    def take(self, batch: List[Item]) -> List[Item]:
-        chosen = {id(p) for p in batch}
-        self.pending = [p for p in self.pending if id(p) not in chosen]
-        return batch
+def size_batches(items: List[Item], batch_size: int) -> List[List[Item]]:
+    """The decoded `items` sorted by (size, index), cut into batches of up to `batch_size`."""
+    ready = sorted((item for item in items if item.ready), key=lambda item: (item.rgb.shape, item.index))
+    return [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
 
 
 def segmented(predictor, stream: ImageStream, num_workers: int = 0) -> Iterator[Tuple[Item, Optional[object]]]:
     """(item, Segmentation) for every decoded item, (item, None) for skipped and unreadable ones,
-    in completion order (see `in_input_order`). `predictor`: an OpenVocabPredictor."""
-    batcher = SizeBatcher(predictor.batch_size, WINDOW_BATCHES * predictor.batch_size)
-
-    def run(batch: List[Item]):
-        results = predictor.run([(item.rgb, item.size) for item in batch])
-        return zip(batch, results)
-
-    for item in stream_items(stream, num_workers):
-        if not item.ready:
-            yield item, None
-            continue
-        for batch in batcher.add(item):
-            yield from run(batch)
-    for batch in batcher.flush():
-        yield from run(batch)
+    block by block (within a block: by size; see `in_input_order`). `predictor`: an
+    OpenVocabPredictor."""
+    for block in stream_blocks(stream, num_workers):
+        yield from ((item, None) for item in block if not item.ready)
+        for batch in size_batches(block, predictor.batch_size):
+            yield from zip(batch, predictor.run([(item.rgb, item.size) for item in batch]))
 
 
 def in_input_order(pairs: Iterable[Tuple[Item, object]]) -> Iterator[Tuple[Item, object]]:
@@ -157,4 +124,3 @@ def in_input_order(pairs: Iterable[Tuple[Item, object]]) -> Iterator[Tuple[Item,
         while next_index in waiting:
             yield waiting.pop(next_index)
             next_index += 1
-

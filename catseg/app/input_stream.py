@@ -10,18 +10,22 @@ sorted: sorting would need the whole list in memory.
 Paths are plain strings (pathlib interns every path component it parses, a table that would
 grow with the number of inputs).
 
-`in_shard` splits by a hash of the path string (CRC-32 modulo the number of processes): the
-same path always goes to the same process for a given world size, whatever the listing order,
-so a restart with the same inputs and processes gives the same split.
+`iter_blocks` splits the listing into blocks of consecutive inputs and deals them out to the
+processes in turn (block k to process k modulo the world size). A block is also a unit of
+batching (catseg/app/image_stream.py), so which images share a network pass does not depend
+on the number of processes: the same inputs give the same float results, hence byte-identical
+labels, with 1 or N processes. The listing order must be the same on every process and every
+restart: a list file's order, glob's and the file system's directory order for an unchanged
+folder (on a network file system, the server's).
 """
 import glob
 import os
-import zlib
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from ..image_io import IMAGE_EXTENSIONS
 
 LIST_SUFFIX = ".txt"
+T = TypeVar("T")
 
 
 def iter_folder(folder: str) -> Iterator[str]:
@@ -63,11 +67,15 @@ def iter_inputs(specs: Sequence[str], unmatched: Optional[List[str]] = None) -> 
             unmatched.append(spec)
 
 
-def in_shard(path: str, rank: int, world_size: int) -> bool:
-    """Whether process `rank` of `world_size` takes `path` (stable hash of the path string)."""
-    return zlib.crc32(path.encode("utf-8", "surrogateescape")) % world_size == rank
-
-
-def iter_shard(paths: Iterable[str], rank: int, world_size: int) -> Iterator[str]:
-    """The paths of `paths` that process `rank` takes."""
-    return (p for p in paths if in_shard(p, rank, world_size))
+def iter_blocks(items: Iterable[T], block_size: int, rank: int = 0, world_size: int = 1) -> Iterator[List[Tuple[int, T]]]:
+    """Blocks of `block_size` consecutive (index, item) pairs of `items`, those of process `rank`
+    (block k goes to process k % world_size); only one block is held at a time."""
+    block: List[Tuple[int, T]] = []
+    for index, item in enumerate(items):
+        block.append((index, item))
+        if len(block) == block_size:
+            if (index // block_size) % world_size == rank:
+                yield block
+            block = []
+    if block and (block[0][0] // block_size) % world_size == rank:
+        yield block

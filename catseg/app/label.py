@@ -7,12 +7,18 @@
     catseg-label ... --video-input clip.mp4 --output out/ [--save-frames]   # catseg/app/video.py
 
 Inputs: files, folders (not recursive), glob patterns and .txt lists of paths, listed lazily
-(catseg/app/input_stream.py). The launcher flags are detectron2's, as for train_net.py: each
-process takes the inputs whose path hashes to its rank, so a restart with the same inputs
-gives the same split. Within a process, `--loader-workers` DataLoader workers decode and
-downscale images while the network runs, and batches group images by size
-(catseg/app/image_stream.py). With MODEL.DEVICE cpu, or without CUDA, the processes run on the
-CPU (gloo) and share its cores. Several machines need a shared output folder.
+(catseg/app/input_stream.py). The launcher flags are detectron2's, as for train_net.py: the
+listing is cut into blocks of 4 x --batch-size consecutive inputs, dealt out to the processes
+in turn, so a restart with the same inputs gives the same split. Within a process,
+`--loader-workers` DataLoader workers decode and downscale images while the network runs, and
+each block's images are batched by size (catseg/app/image_stream.py). With MODEL.DEVICE cpu, or
+without CUDA, the processes run on the CPU (gloo) and share its cores: `--threads` each
+(default: cores / --num-gpus). Several machines need a shared output folder.
+
+Reproducible labels: the batches depend on the inputs and --batch-size only, so on GPUs, and on
+the CPU with the same --threads, 1 or N processes write byte-identical label files. (Float
+results move by about 1e-7 with the batch's make-up or the CPU thread count, enough to flip the
+argmax of a pixel where two classes tie.)
 
 The output folder (layout in catseg/app/label_folder.py) holds the label PNGs, classes.json and
 train.yaml, a config that trains on them as they are:
@@ -44,8 +50,8 @@ from ..config import load_config, shipped_config
 from ..console import setup_cli_logging, silence_dependency_warnings
 from ..errors import ConfigError, report_errors
 from .cli import DEFAULT_CONFIG, choose_vocabulary
-from .image_stream import ImageStream, segmented
-from .input_stream import iter_inputs, iter_shard, iter_spec
+from .image_stream import BLOCK_BATCHES, ImageStream, segmented
+from .input_stream import iter_inputs, iter_spec
 from .label_folder import LabelFolder, read_failures, write_json
 from .output_dir import make_output_dir
 from .vocabulary import EmptyVocabularyError
@@ -70,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
     p.add_argument("--batch-size", type=int, default=4, help="images per network pass (default 4)")
     p.add_argument("--loader-workers", type=int, default=2, help="decoding processes per labelling process")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per labelling process on the CPU (default: cores / --num-gpus)")
     p.add_argument("--overwrite", action="store_true", help="label images again even if they are done")
     p.add_argument("--save-probs", action="store_true", help="also write the top-k classes and scores per pixel")
     p.add_argument("--top-k", type=int, default=3, help="classes per pixel kept by --save-probs (default 3)")
@@ -136,15 +144,15 @@ def read_summary(folder: LabelFolder) -> Optional[dict]:
     return json.loads(folder.summary.read_text()) if folder.summary.exists() else None
 
 
-class ShardInputs:
-    """(path, path) pairs of this process's shard of the inputs, listed lazily each time it is
-    iterated (re-iterable and picklable, for the DataLoader workers)."""
+class Listing:
+    """(path, path) pairs of the inputs, listed lazily each time it is iterated (re-iterable and
+    picklable, for the DataLoader workers)."""
 
-    def __init__(self, specs: Sequence[str], rank: int, world_size: int):
-        self.specs, self.rank, self.world_size = list(specs), rank, world_size
+    def __init__(self, specs: Sequence[str]):
+        self.specs = list(specs)
 
     def __iter__(self):
-        return ((p, p) for p in iter_shard(iter_inputs(self.specs), self.rank, self.world_size))
+        return ((p, p) for p in iter_inputs(self.specs))
 
 
 class NotDone:
@@ -168,8 +176,8 @@ def label_process(args, cfg, vocabulary: Optional[List[str]]) -> dict:
     cfg = cfg.clone()
     if cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = f"cuda:{comm.get_local_rank()}"
-    elif world_size > 1:  # the CPU processes of a machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_gpus))
+    else:  # the CPU processes of a machine share its cores
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.num_gpus))
     print(f"rank {rank}/{world_size}: pid {os.getpid()}", file=sys.stderr, flush=True)
     torch.manual_seed(MODEL_SEED)  # weights not in MODEL.WEIGHTS are the same random ones in every process
     predictor = OpenVocabPredictor(cfg, batch_size=args.batch_size)
@@ -183,8 +191,8 @@ def label_process(args, cfg, vocabulary: Optional[List[str]]) -> dict:
     unmatched = [spec for spec in args.input if rank == 0 and next(iter_spec(spec), None) is None]
     for spec in unmatched:
         folder.add_failure(spec, "no file or folder matches")
-    stream = ImageStream(ShardInputs(args.input, rank, world_size), predictor.max_side,
-                         should_load=NotDone(folder, args.overwrite))
+    stream = ImageStream(Listing(args.input), BLOCK_BATCHES * args.batch_size, rank, world_size,
+                         max_side=predictor.max_side, should_load=NotDone(folder, args.overwrite))
     counts = {"rank": rank, "done": 0, "skipped": 0, "failed": len(unmatched), "seconds": 0.0}
     start = time.perf_counter()
     with tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=rank != 0,
@@ -219,6 +227,7 @@ def finish(folder: LabelFolder, everyone: List[dict]) -> None:
     total = {key: sum(c[key] for c in everyone) for key in ("done", "skipped", "failed")}
     total["seconds"] = max(c["seconds"] for c in everyone)
     kept = folder.tidy_failures()
+    folder.remove_temporary_files()  # every process is past its last write (all_gather)
     print(summary_line(f"total ({len(everyone)} processes)", total)
           + (f"; failures in {folder.failures} ({kept})" if kept else ""), file=sys.stderr, flush=True)
     rates = [c["done"] / c["seconds"] if c["seconds"] > 0 else 0.0 for c in everyone]

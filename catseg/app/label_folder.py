@@ -15,10 +15,11 @@
     OUT/summary.json          the last run's counts and speeds
 
 Every file is written atomically (catseg/atomic.py), so a killed run leaves whole files or
-none; an image killed half-way has no record and is labelled again. Outputs are named by the
-input's stem: inputs sharing a stem (a.jpg and a.png, or two folders) share one output, the
-first one labelled wins and the others count as skipped — as in the dataset format itself,
-which pairs images and labels by stem.
+none (its temporary ".<name>.<random>.tmp" files are removed at the end of the next run); an
+image killed half-way has no record and is labelled again. Outputs are named by the
+input's stem: inputs sharing a stem (a.jpg and a.png, or two folders) share one output, one
+of them ends up there and the others count as skipped (or overwrite it when labelled at the
+same time) — as in the dataset format itself, which pairs images and labels by stem.
 """
 import json
 import os
@@ -45,8 +46,10 @@ def label_dtype(num_classes: int):
 
 
 def top_k_probs(probs: torch.Tensor, k: int, dtype) -> dict:
-    """(T, h, w) probabilities -> {"classes": (k, h, w) ids, best first, "scores": (k, h, w) float16}."""
-    scores, ids = probs.topk(min(k, probs.shape[0]), dim=0)
+    """(T, h, w) probabilities -> {"classes": (k, h, w) ids, best first, "scores": (k, h, w) float16}.
+    A stable sort: among equal scores the lower id comes first, as in the label map's argmax."""
+    scores, ids = probs.sort(dim=0, descending=True, stable=True)
+    scores, ids = scores[:k], ids[:k]
     return {"classes": ids.numpy().astype(dtype), "scores": scores.numpy().astype(np.float16)}
 
 
@@ -125,6 +128,21 @@ class LabelFolder:
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept)
         atomic_write(self.failures, lambda f: f.write(text.encode("utf-8")))
         return len(kept)
+
+    def remove_temporary_files(self) -> int:
+        """Delete the temporary files of writes a killed process left (".<name>.<random>.tmp");
+        call only when no process is writing. Returns how many."""
+        removed = 0
+        for kind in ("images", "labels", "probs", "overlays", "records", ""):
+            folder = self.root / kind
+            if not folder.is_dir():
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                        os.remove(entry.path)
+                        removed += 1
+        return removed
 
     def write_classes(self, classes: Sequence[str]) -> None:
         write_json(self.root / "classes.json", list(classes))

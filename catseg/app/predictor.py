@@ -43,7 +43,7 @@ from ..errors import ConfigError
 from ..image_io import ImageInput, ImageReadError, load_image
 from ..modeling.tta import CATSegWithTTA
 from ..weights.checkpointer import CATSegCheckpointer
-from .image_stream import ImageStream, in_input_order, segmented
+from .image_stream import BLOCK_BATCHES, ImageStream, in_input_order, segmented
 from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
@@ -162,7 +162,7 @@ class OpenVocabPredictor:
             raise ValueError(f"errors={errors!r}: expected 'raise' or 'yield'")
         if vocabulary is not None:
             self.set_vocabulary(vocabulary)
-        stream = ImageStream(_Keyed(images), self.max_side, format)
+        stream = ImageStream(_Keyed(images), BLOCK_BATCHES * self.batch_size, max_side=self.max_side, format=format)
         for item, result in in_input_order(segmented(self, stream, num_workers)):
             if result is None:
                 error = ImageReadError(item.error)
@@ -186,10 +186,10 @@ class OpenVocabPredictor:
 
 
 class _Keyed:
-    """(index, image) pairs of a re-iterable of images (picklable, for DataLoader workers)."""
+    """(key, image) pairs of a re-iterable of images (picklable, for DataLoader workers)."""
 
     def __init__(self, images: Iterable[ImageInput]):
         self.images = images
 
     def __iter__(self):
-        return enumerate(self.images)
+        return ((None, image) for image in self.images)
