@@ -1,6 +1,6 @@
 """Label a collection of images or a video; same as the `catseg-label` console script.
 
-    .venv/bin/python demo/label.py --input demo/samples --output output/labelled --vocab "sky; grass; house, building; sun"
+    .venv/bin/python demo/label.py --input demo/samples --output output/labelled --vocab "sky; grass; house; sun"
 
 Options, launcher flags (--num-gpus ...), resuming and the output folder: catseg/app/label.py.
 """

@@ -1,7 +1,11 @@
 """The pieces of catseg-label in one process: lazy listing and stable shards (100,000 paths in
 bounded memory, nothing opened), the restart's skip check (no image opened), size-grouped
 batches, and `segment_many` (input order, DataLoader workers, unreadable images)."""
+import os
 import pathlib
+import re
+import shlex
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -13,7 +17,7 @@ from PIL import Image
 
 from catseg.app.image_stream import ImageStream, Item, in_input_order, size_batches
 from catseg.app.input_stream import iter_blocks, iter_inputs
-from catseg.app.label import Listing, NotDone
+from catseg.app.label import Listing, NotDone, build_parser
 from catseg.app.label_folder import LabelFolder
 from catseg.app.predictor import OpenVocabPredictor
 from catseg.image_io import ImageReadError
@@ -52,7 +56,8 @@ def ours(snapshot: tracemalloc.Snapshot) -> int:
     """Bytes held, leaving out blocks allocated inside pathlib: its sys.intern of path parts
     resizes the interpreter's interned-string table, whose size follows every live interned
     string (torch's thousands included), not our inputs."""
-    return sum(s.size for s in snapshot.filter_traces([tracemalloc.Filter(False, pathlib.__file__)]).statistics("filename"))
+    kept = snapshot.filter_traces([tracemalloc.Filter(False, pathlib.__file__)])
+    return sum(s.size for s in kept.statistics("filename"))
 
 
 def shard(specs, rank, world_size, block=16):
@@ -179,3 +184,34 @@ def test_segment_many_is_predict_in_input_order(predictor, tmp_path):
             assert r.image_size == e.image_size and torch.equal(r.labels, e.labels)
     with pytest.raises(ImageReadError, match="bad.jpg"):
         list(predictor.segment_many(inputs))
+
+
+def readme_label_commands():
+    """The catseg-label command lines of README.md's "Label a collection" (continuations joined)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Label a collection", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+    return section, [line.split("#")[0] for line in lines if line.strip().startswith("catseg-label")]
+
+
+def test_readme_commands_are_valid():
+    section, commands = readme_label_commands()
+    assert "python train_net.py --config-file labelled/train.yaml" in section
+    assert len(commands) == 5
+    for line in commands:
+        words = shlex.split(line.replace("...", "--input photos/ --output labelled/"))[1:]
+        args = build_parser().parse_args(words)
+        assert args.output and (args.input or args.video_input)
+    assert any("--num-machines" in c and "--machine-rank 1" in c and "--dist-url" in c for c in commands)
+    assert any("--video-input" in c for c in commands)
+
+
+def test_missing_weights_is_one_line_before_any_process(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "demo" / "label.py"), "--input", str(tmp_path), "--output",
+                           str(tmp_path / "out"), "--num-gpus", "2", "--opts", "MODEL.WEIGHTS", "missing.pth"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "missing.pth" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "rank 0" not in proc.stderr

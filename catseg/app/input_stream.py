@@ -67,7 +67,8 @@ def iter_inputs(specs: Sequence[str], unmatched: Optional[List[str]] = None) -> 
             unmatched.append(spec)
 
 
-def iter_blocks(items: Iterable[T], block_size: int, rank: int = 0, world_size: int = 1) -> Iterator[List[Tuple[int, T]]]:
+def iter_blocks(items: Iterable[T], block_size: int, rank: int = 0,
+                world_size: int = 1) -> Iterator[List[Tuple[int, T]]]:
     """Blocks of `block_size` consecutive (index, item) pairs of `items`, those of process `rank`
     (block k goes to process k % world_size); only one block is held at a time."""
     block: List[Tuple[int, T]] = []

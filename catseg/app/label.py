@@ -49,6 +49,7 @@ from tqdm import tqdm
 from ..config import load_config, shipped_config
 from ..console import setup_cli_logging, silence_dependency_warnings
 from ..errors import ConfigError, report_errors
+from ..weights.pretrained import check_weights_file
 from .cli import DEFAULT_CONFIG, choose_vocabulary
 from .image_stream import BLOCK_BATCHES, ImageStream, segmented
 from .input_stream import iter_inputs, iter_spec
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes per machine: GPUs, or CPU processes with MODEL.DEVICE cpu (default 1)")
     p.add_argument("--num-machines", type=int, default=1, help="machines taking part (default 1)")
     p.add_argument("--machine-rank", type=int, default=0, help="rank of this machine, 0..num-machines-1")
-    p.add_argument("--dist-url", default="auto", help="rendezvous URL of multi-machine runs (default: a free local port)")
+    p.add_argument("--dist-url", default="auto", help="rendezvous URL of several machines (default: a free local port)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
@@ -115,7 +116,8 @@ def start(args) -> int:
     if min(args.num_gpus, args.num_machines, args.batch_size) < 1 or not 0 <= args.machine_rank < args.num_machines:
         raise ConfigError("--num-gpus, --num-machines and --batch-size must be >= 1, "
                           "and --machine-rank within 0..num-machines-1")
-    cfg = load_config(config, args.opts)  # config mistakes: one line, before any process starts
+    cfg = load_config(config, args.opts)  # config and weights mistakes: one line, before any process starts
+    check_weights_file(cfg.MODEL.WEIGHTS)
     out = make_output_dir(args.output)
     if args.video_input:
         if world_size > 1:
@@ -131,7 +133,7 @@ def start(args) -> int:
         launch(label_process, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args, cfg, vocabulary), device=cfg.MODEL.DEVICE)
     except ProcessException as e:  # a process died (killed, out of memory): what is written stays written
-        print(f"error: a labelling process stopped ({' '.join(str(e).split())}); "
+        print(f"error: a labelling process stopped ({str(e).strip().splitlines()[-1]}); "
               "run the same command again to resume", file=sys.stderr)
         return 1
     if args.machine_rank != 0:

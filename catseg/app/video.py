@@ -16,6 +16,7 @@ announces, or a decoding error) one WARNING line, its frames already segmented k
 """
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -102,8 +103,8 @@ def label_video(args, cfg, vocabulary: Optional[List[str]], out: Path) -> int:
                         overlay = cv2.resize(overlay, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST)
                     writer.write(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
                     if args.save_frames:
-                        name = frames_dir / f"{path.stem}_{done:06d}.png"
-                        atomic_write(name, lambda f: Image.fromarray(labels.astype(dtype)).save(f, format="PNG"))
+                        image = Image.fromarray(labels.astype(dtype))
+                        atomic_write(frames_dir / f"{path.stem}_{done:06d}.png", partial(image.save, format="PNG"))
                     done += 1
                     bar.update(1)
     finally:
