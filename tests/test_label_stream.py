@@ -19,7 +19,7 @@ from catseg.app.image_stream import ImageStream, Item, in_input_order, size_batc
 from catseg.app.input_stream import iter_blocks, iter_inputs
 from catseg.app.label import Listing, NotDone, build_parser
 from catseg.app.label_folder import LabelFolder
-from catseg.app.predictor import OpenVocabPredictor
+from catseg.app.predictor import OpenVocabPredictor, Segmentation
 from catseg.image_io import ImageReadError
 from helpers import make_cfg
 
@@ -215,3 +215,34 @@ def test_missing_weights_is_one_line_before_any_process(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "missing.pth" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "rank 0" not in proc.stderr
+
+
+def test_other_vocabulary_in_a_labelled_folder_is_one_line(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "out").mkdir()
+    LabelFolder(tmp_path / "out").write_classes(["cat", "dog"])
+    proc = subprocess.run([sys.executable, str(repo / "demo" / "label.py"), "--input", str(tmp_path), "--output",
+                           str(tmp_path / "out"), "--vocab", "cat; sofa"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--overwrite" in errors[0], proc.stderr[-2000:]
+
+
+def test_more_than_255_classes_give_uint16_labels(tmp_path):
+    classes = [f"class {i}" for i in range(300)]
+    labels = torch.arange(64 * 48).reshape(48, 64) % 300
+    probs = torch.nn.functional.one_hot(labels, 300).permute(2, 0, 1).float()
+    result = Segmentation(labels=labels, probs=probs, classes=classes, image=np.zeros((48, 64, 3), np.uint8),
+                          image_size=(48, 64))
+    folder = LabelFolder(tmp_path / "out")
+    folder.make_dirs(probs=True, overlays=False)
+    source = tmp_path / "photo.png"
+    source.write_bytes(b"")
+    folder.write(str(source), result, top_k=2)
+    with Image.open(folder.path("labels", "photo")) as im:
+        assert np.array_equal(np.asarray(im), labels.numpy()) and np.asarray(im).max() == 299
+    saved = np.load(folder.path("probs", "photo"))
+    assert saved["classes"].dtype == np.uint16 and np.array_equal(saved["classes"][0], labels.numpy())
+    assert saved["scores"].dtype == np.float16 and (saved["scores"][0] == 1).all() and (saved["scores"][1] == 0).all()
+    config = folder.write_train_config(classes, "own_data.yaml").read_text()
+    assert "classes.json:65535" in config  # 255 is a class here: the ignore value moves to 65535

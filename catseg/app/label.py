@@ -128,6 +128,10 @@ def start(args) -> int:
     from ..engine.launch import launch
 
     folder = LabelFolder(out)
+    earlier = folder.classes()
+    if vocabulary is not None and earlier is not None and earlier != vocabulary and not args.overwrite:
+        raise ConfigError(f"{out} was labelled with other classes ({len(earlier)} in {out / 'classes.json'}); "
+                          "add --overwrite to label everything again, or choose another --output")
     folder.summary.unlink(missing_ok=True)
     try:
         launch(label_process, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -143,6 +143,11 @@ class LabelFolder:
                         os.remove(entry.path)
                         removed += 1
         return removed
+
+    def classes(self) -> Optional[List[str]]:
+        """The class list of an earlier run (None for a new folder)."""
+        path = self.root / "classes.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
     def write_classes(self, classes: Sequence[str]) -> None:
         write_json(self.root / "classes.json", list(classes))
