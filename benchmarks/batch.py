@@ -13,8 +13,8 @@ images/s is OUT/summary.json's: images labelled / seconds of the labelling loop 
 model is built and the text embeddings computed, DataLoader start-up included), per process
 and in total (total images / the slowest process's seconds). "network only" segments the same
 images, decoded beforehand and held in memory, with OpenVocabPredictor.run in batches: the rate
-the loader workers should reach. Same --batch-size everywhere; CPU threads per process are
-catseg-label's default (cores / processes).
+the loader workers should reach. Same batch size everywhere; CPU threads per process:
+`--threads` (default: catseg-label's, cores / processes; the network-only run then uses all).
 
     python benchmarks/batch.py                       # both models, markdown tables on stdout
     python benchmarks/batch.py --models quickstart --images 64
@@ -50,11 +50,11 @@ def make_images(folder: Path, count: int, size=(240, 320)) -> None:
         Image.fromarray(image).save(folder / f"img{i:04d}.jpg", quality=90)
 
 
-def label_run(model: str, images: Path, out: Path, processes: int, workers: int, batch: int) -> dict:
+def label_run(model: str, images: Path, out: Path, processes: int, workers: int, batch: int, threads: int) -> dict:
     config, opts, _, _ = MODELS[model]
     args = [sys.executable, str(REPO / "demo" / "label.py"), "--config-file", str(REPO / config),
             "--input", str(images), "--output", str(out), "--dataset-vocab", "ade150", "--batch-size", str(batch),
-            "--num-gpus", str(processes), "--loader-workers", str(workers),
+            "--num-gpus", str(processes), "--loader-workers", str(workers), "--threads", str(threads),
             "--opts", *opts, *CLASSES, "MODEL.DEVICE", "cpu"]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if not (out / "summary.json").exists():
@@ -62,11 +62,13 @@ def label_run(model: str, images: Path, out: Path, processes: int, workers: int,
     return json.loads((out / "summary.json").read_text())
 
 
-def network_only(model: str, images: Path, batch: int) -> float:
+def network_only(model: str, images: Path, batch: int, threads: int) -> float:
     """Images/s of OpenVocabPredictor.run over images decoded beforehand (this process)."""
     sys.path.insert(0, str(REPO))
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from catseg.app.predictor import OpenVocabPredictor
     from catseg.config import load_config
     from catseg.data.class_names import load_class_names
@@ -84,8 +86,9 @@ def network_only(model: str, images: Path, batch: int) -> float:
     return len(prepared) / (time.perf_counter() - start)
 
 
-def table(model: str, count: int, batch: int, rows, net: float) -> str:
-    lines = [f"{model}, {count} images 320x240, K = 150, batch {batch}: network only {net:.2f} images/s",
+def table(model: str, count: int, batch: int, rows, net: float, threads: int) -> str:
+    lines = [f"{model}, {count} images 320x240, K = 150, batch {batch}, "
+             f"{f'{threads} thread(s)' if threads else 'default threads'} per process: network only {net:.2f} images/s",
              "", "| processes | loader workers | images/s total | images/s per process | total vs network only |",
              "|---|---|---|---|---|"]
     for (processes, workers), summary in rows:
@@ -99,11 +102,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--images", type=int, default=0, help="images per model (default: the protocol's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process, network only included (default: catseg-label's, cores / processes)")
     p.add_argument("--network-only", nargs=3, metavar=("MODEL", "FOLDER", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.network_only:
         model, folder, batch = args.network_only
-        print(network_only(model, Path(folder), int(batch)))
+        print(network_only(model, Path(folder), int(batch), args.threads))
         return
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -111,11 +116,12 @@ def main() -> None:
             count = args.images or count
             images = Path(tmp) / model / "images"
             make_images(images, count)
-            net = float(subprocess.run([sys.executable, __file__, "--network-only", model, str(images), str(batch)],
+            net = float(subprocess.run([sys.executable, __file__, "--network-only", model, str(images), str(batch),
+                                        "--threads", str(args.threads)],
                                        capture_output=True, text=True, check=True).stdout.split()[-1])
-            rows = [((n, w), label_run(model, images, Path(tmp) / model / f"out_{n}x{w}", n, w, batch))
+            rows = [((n, w), label_run(model, images, Path(tmp) / model / f"out_{n}x{w}", n, w, batch, args.threads))
                     for n, w in RUNS]
-            print(table(model, count, batch, rows, net) + "\n", flush=True)
+            print(table(model, count, batch, rows, net, args.threads) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,24 @@ def command(folder: Path, out: Path, *extra: str):
             "--vocab", VOCAB, "--batch-size", "2", "--threads", "1", *extra]
 
 
+RUN_MARK = f"catseg-test-label-{os.getpid()}"  # in the environment of every process the tests start
+
+
 def environment() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    return {**os.environ, "PYTHONPATH": str(REPO), "CATSEG_TEST_RUN": RUN_MARK}
+
+
+def our_processes() -> list:
+    """Pids of live processes started by these tests (their environment carries RUN_MARK)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if RUN_MARK.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 def run(args, **kwargs) -> subprocess.CompletedProcess:
@@ -111,6 +127,10 @@ def test_two_processes_killed_and_restarted(reference, tmp_path):
             time.sleep(0.02)
         os.kill(pids[1], signal.SIGKILL)
         assert launcher.wait(timeout=120) == 1
+    deadline = time.time() + 30
+    while our_processes() and time.time() < deadline:  # the other rank and every loader worker end too
+        time.sleep(0.2)
+    assert our_processes() == []
     assert "a labelling process stopped" in log.read_text() and "run the same command again" in log.read_text()
     finished = {p.stem for p in (out / "records").iterdir() if p.suffix == ".json"}
     assert 6 <= len(finished) < 40, "the kill came mid-run"

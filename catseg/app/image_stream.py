@@ -18,6 +18,8 @@ thus a function of the input list alone — not of the number of processes or wo
 are the float results: labels are byte-identical whatever the launch. Memory is bounded by the
 blocks in flight, never by the number of inputs.
 """
+import ctypes
+import signal
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -28,6 +30,7 @@ from ..image_io import ImageReadError, load_image
 from .input_stream import iter_blocks
 
 BLOCK_BATCHES = 4  # a block holds this many batches: the window in which sizes are grouped
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -92,11 +95,23 @@ def pass_through(block):
     return block
 
 
+def die_with_parent(_worker_id: int) -> None:
+    """DataLoader worker start-up: the worker is killed when the process that started it dies
+    (Linux prctl PR_SET_PDEATHSIG). Otherwise a labelling process killed by a signal leaves its
+    workers behind, blocked on a full queue."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc: PyTorch's own check of the parent remains
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def stream_blocks(stream: ImageStream, num_workers: int) -> Iterable[List[Item]]:
     """The stream's blocks in input order, decoded by `num_workers` DataLoader workers (0: here)."""
     if num_workers <= 0:
         return iter(stream)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=pass_through)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=pass_through,
+                      worker_init_fn=die_with_parent)
 
 
 def size_batches(items: List[Item], batch_size: int) -> List[List[Item]]:
