@@ -149,10 +149,12 @@ class OpenVocabPredictor:
         return results[0] if single else results
 
     def segment_many(self, images: Iterable[ImageInput], vocabulary: Optional[Sequence[str]] = None,
-                     num_workers: int = 0, format: str = "RGB", errors: str = "raise") -> Iterator[Segmentation]:
+                     num_workers: int = 0, format: str = "RGB",
+                     errors: str = "raise") -> Iterator[Union[Segmentation, ImageReadError]]:
         """Segment a stream of images, yielding one result per image in input order.
 
-        Memory stays bounded whatever the number of images (a few batches are decoded ahead).
+        Memory stays bounded whatever the number of images (a few blocks of 4 batches are
+        decoded ahead; see catseg/app/image_stream.py).
         `num_workers` DataLoader workers decode and downscale images beside the network; they
         iterate `images` themselves, so then pass a list (or another re-iterable), not a
         generator. An unreadable image raises ImageReadError (`errors="raise"`) or, with
