@@ -7,13 +7,13 @@ entry at a time (os.scandir, glob.iglob, line by line), so listing a million pat
 path in memory, and no image is opened. Folder entries come in the file system's order, not
 sorted: sorting would need the whole list in memory.
 
-Paths are plain strings (pathlib interns every path component it parses, a table that would
-grow with the number of inputs).
+Paths are plain strings: no pathlib object (nor its parsing) per listed path.
 
 `iter_blocks` splits the listing into blocks of consecutive inputs and deals them out to the
 processes in turn (block k to process k modulo the world size). A block is also a unit of
 batching (catseg/app/image_stream.py), so which images share a network pass does not depend
-on the number of processes: the same inputs give the same float results, hence byte-identical
+on the number of processes: the same inputs give the same float results (on the CPU: with the
+same thread count), hence byte-identical
 labels, with 1 or N processes. The listing order must be the same on every process and every
 restart: a list file's order, glob's and the file system's directory order for an unchanged
 folder (on a network file system, the server's).
