@@ -41,7 +41,7 @@ def test_shipped_configs_load(repo_root):
         cfg.merge_from_file(str(path))
 
 
-@pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py"])
+@pytest.mark.parametrize("script", ["train_net.py", "demo/demo.py", "demo/label.py"])
 def test_entry_points_help(repo_root, script):
     result = subprocess.run([sys.executable, str(repo_root / script), "--help"], capture_output=True, text=True,
                             cwd=repo_root, timeout=120)

@@ -9,6 +9,9 @@
 
 Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see catseg.image_io).
 A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
+`segment_many(images, num_workers=2)` streams any number of images: DataLoader workers decode
+them while the network runs, batches group images by size, results come back in input order
+(catseg/app/image_stream.py).
 Whole-image or sliding-window inference follows cfg.TEST.SLIDING_WINDOW, test-time augmentation
 cfg.TEST.AUG (ENABLED, MIN_SIZES, MAX_SIZE, FLIP); the device follows cfg.MODEL.DEVICE ("cuda"
 without a GPU: the CPU, see catseg.config.loader.resolve_device); everything runs under
@@ -27,7 +30,7 @@ with more than cfg.INPUT.MAX_IMAGE_PIXELS pixels are refused from their header, 
 """
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,10 +40,11 @@ from ..config import load_config
 from ..data.dataset_classes import resolve_class_lists
 from ..data.datasets import register_from_config
 from ..errors import ConfigError
-from ..image_io import ImageInput, load_image
+from ..image_io import ImageInput, ImageReadError, load_image
 from ..modeling.build import build_from_checkpoint
 from ..modeling.tta import CATSegWithTTA
 from ..weights.hub import fetch_config_weights
+from .image_stream import BLOCK_BATCHES, ImageStream, in_input_order, segmented
 from .sam_refine import SamRefiner
 from .vocabulary import clean_vocabulary
 
@@ -148,6 +152,32 @@ class OpenVocabPredictor:
             results.extend(self.run(prepared[start:start + self.batch_size]))
         return results[0] if single else results
 
+    def segment_many(self, images: Iterable[ImageInput], vocabulary: Optional[Sequence[str]] = None,
+                     num_workers: int = 0, format: str = "RGB",
+                     errors: str = "raise") -> Iterator[Union[Segmentation, ImageReadError]]:
+        """Segment a stream of images, yielding one result per image in input order.
+
+        Memory stays bounded whatever the number of images (a few blocks of 4 batches are
+        decoded ahead; see catseg/app/image_stream.py).
+        `num_workers` DataLoader workers decode and downscale images beside the network; they
+        iterate `images` themselves, so then pass a list (or another re-iterable), not a
+        generator. An unreadable image raises ImageReadError (`errors="raise"`) or, with
+        `errors="yield"`, its ImageReadError is yielded in its place.
+        """
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors={errors!r}: expected 'raise' or 'yield'")
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
+        stream = ImageStream(_Keyed(images), BLOCK_BATCHES * self.batch_size, max_side=self.max_side, format=format)
+        for item, result in in_input_order(segmented(self, stream, num_workers)):
+            if result is None:
+                error = ImageReadError(item.error)
+                if errors == "raise":
+                    raise error
+                yield error
+            else:
+                yield result
+
     @torch.inference_mode()
     def run(self, prepared: Sequence[Tuple[np.ndarray, Tuple[int, int]]]) -> List[Segmentation]:
         """One network pass over prepared images (see `prepare`)."""
@@ -159,3 +189,13 @@ class OpenVocabPredictor:
                                 classes=classes, image=rgb, image_size=size)
                    for out, (rgb, size) in zip(outputs, prepared)]
         return [self.refiner(r) for r in results] if self.refiner else results
+
+
+class _Keyed:
+    """(key, image) pairs of a re-iterable of images (picklable, for DataLoader workers)."""
+
+    def __init__(self, images: Iterable[ImageInput]):
+        self.images = images
+
+    def __iter__(self):
+        return ((None, image) for image in self.images)
