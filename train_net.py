@@ -21,7 +21,6 @@ the run with one `error: ...` line and exit status 2 (`--debug` or CATSEG_DEBUG=
 import argparse
 import json
 import os
-import sys
 
 EPILOG = """\
 configs (configs/ of the repository; catseg.config.shipped_config(name) finds them in an install too):
@@ -184,10 +183,10 @@ def start(args):
     """Check everything that can be checked up front (one-line errors), then launch `main`."""
     from detectron2.data import DatasetCatalog
 
+    from catseg.app.output_dir import make_output_dir
     from catseg.engine import launch
     from catseg.engine.benchmarks import select_protocols
     from catseg.errors import ConfigError
-    from catseg.app.output_dir import make_output_dir
 
     if args.benchmarks:
         if not args.eval_only:

@@ -21,7 +21,7 @@ import open_clip
 import torch
 
 from catseg.data.class_names import load_class_names, synonyms
-from catseg.modeling import clip, text
+from catseg.modeling import text
 from catseg.modeling.clip_encoder import DenseCLIPEncoder
 from catseg.modeling.text import encode_text_bounded, eot_positions
 

@@ -36,7 +36,6 @@ with `cat_seg/`), as for benchmarks/official_aggregator.py; without --official o
 import argparse
 import inspect
 import json
-import statistics
 import sys
 import tempfile
 import time

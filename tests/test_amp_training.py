@@ -9,9 +9,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from torch.overrides import TorchFunctionMode
+from train_helpers import mini_quickstart, quickstart_cfg
 
 from catseg.engine import CATSegTrainer
-from train_helpers import mini_quickstart, quickstart_cfg
 
 STEPS = 2
 MATMULS = {"linear", "conv2d", "matmul", "bmm", "einsum", "baddbmm", "addmm", "scaled_dot_product_attention"}

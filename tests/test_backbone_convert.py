@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from detectron2.modeling import build_backbone
+from helpers import make_cfg
 from safetensors.torch import save_file
 from torch import nn
 
 from catseg.weights.checkpointer import CATSegCheckpointer
 from catseg.weights.convert import expected_keys, resnet_from_torchvision, swin_from_timm
-from helpers import make_cfg
 
 SWIN_STAGES = {"res2": 0, "res3": 1, "res4": 2}
 

@@ -5,14 +5,14 @@ import urllib.error
 
 import pytest
 import torch
+from helpers import make_cfg
 from timm.models.swin_transformer import SwinTransformer
+from train_helpers import mini_quickstart, quickstart_cfg, run_train_net
 
 from catseg.engine import CATSegTrainer
 from catseg.weights import pretrained
 from catseg.weights.convert import swin_from_timm
 from catseg.weights.pretrained import PretrainedWeightsError, check_weights_file, resolve_pretrained
-from helpers import make_cfg
-from train_helpers import mini_quickstart, quickstart_cfg, run_train_net
 
 
 def test_training_without_network_fails_at_once_with_one_line(tmp_path):

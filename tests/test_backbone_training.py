@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from train_helpers import REPO, import_train_net, mini_quickstart, quickstart_cfg
 
 from catseg.engine import CATSegTrainer
-from train_helpers import REPO, import_train_net, mini_quickstart, quickstart_cfg
 
 BACKBONES = ["vit", "twins_svt", "twins_pcpvt", "cluster"]
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from helpers import CONFIGS
 from PIL import Image
+from train_helpers import import_train_net
 
 from catseg.config import load_config
 from catseg.data.datasets import BENCHMARKS, DatasetNotFoundError
 from catseg.engine import CATSegTrainer
 from catseg.engine.benchmarks import PROTOCOLS, select_protocols, write_tables
-from helpers import CONFIGS
-from train_helpers import import_train_net
 
 SMALL = ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.PROMPT_ENSEMBLE_TYPE", "single",
          "MODEL.BACKBONE_RESOLUTION", "(64, 64)", "MODEL.SEM_SEG_HEAD.CLIP_RESOLUTION", "(64, 64)",

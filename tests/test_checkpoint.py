@@ -3,10 +3,14 @@ import os
 
 import pytest
 import torch
-
-from catseg.weights.checkpointer import (CATSegCheckpointer, CheckpointMismatchError, CheckpointReleaseError,
-                                         format_mismatch_report)
 from helpers import make_model
+
+from catseg.weights.checkpointer import (
+    CATSegCheckpointer,
+    CheckpointMismatchError,
+    CheckpointReleaseError,
+    format_mismatch_report,
+)
 
 
 @pytest.fixture(scope="module")

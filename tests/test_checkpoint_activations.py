@@ -3,9 +3,9 @@ without it, to 1e-6) and lighter (fewer bytes kept for the backward pass)."""
 import pytest
 import torch
 from detectron2.modeling import build_model
+from helpers import make_cfg
 
 from catseg.engine.solver import build_optimizer
-from helpers import make_cfg
 
 CLASSES = [f"class {i}" for i in range(12)]
 CHECKPOINT = ["MODEL.SEM_SEG_HEAD.CHECKPOINT_ACTIVATIONS", "True"]

@@ -2,7 +2,6 @@
 classes in the sliding-window merge) gives the unchunked result, on the tiny config."""
 import pytest
 import torch
-
 from helpers import make_model
 
 TOL = 1e-5

@@ -6,8 +6,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from catseg.data.class_names import load_class_names
-from catseg.data.datasets import (BENCHMARKS, DatasetNotFoundError, check_dataset_exists,
-                                  register_builtin_datasets)
+from catseg.data.datasets import BENCHMARKS, DatasetNotFoundError, check_dataset_exists, register_builtin_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = {  # name: (label folder, ignore, number of dataset classes, prepare script)

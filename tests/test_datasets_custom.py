@@ -11,8 +11,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from catseg.config import add_catseg_config
-from catseg.data.datasets import (DatasetError, DatasetNotFoundError, check_dataset_exists,
-                                  parse_custom_spec, register_custom_dataset, register_from_config)
+from catseg.data.datasets import (
+    DatasetError,
+    DatasetNotFoundError,
+    check_dataset_exists,
+    parse_custom_spec,
+    register_custom_dataset,
+    register_from_config,
+)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from PIL import Image
 
 from catseg.app import cli as demo_cli
 from catseg.app.overlay import render_overlay
-from catseg.palette import class_colors
 from catseg.app.predictor import Segmentation
+from catseg.palette import class_colors
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (REPO / "demo" / "samples").iterdir() if p.suffix in (".png", ".jpg"))

@@ -14,11 +14,11 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import hooks
+from train_helpers import mini_quickstart, quickstart_cfg
 
 from catseg.data.datasets import DatasetError, register_custom_dataset
 from catseg.engine import CATSegTrainer
 from catseg.engine.trainer import TrainingDivergedError
-from train_helpers import mini_quickstart, quickstart_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "demo" / "samples" / "beach.jpg"

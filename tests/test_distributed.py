@@ -3,7 +3,6 @@ and two-process evaluation of the same weights give identical metrics."""
 import json
 
 import pytest
-
 from train_helpers import mini_quickstart, quickstart_opts, run_train_net
 
 

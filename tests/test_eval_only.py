@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import REPO, import_train_net, run_train_net
 
 from catseg.modeling.meta_arch import CATSeg
-from train_helpers import REPO, import_train_net, run_train_net
 
 
 def _cli(args, env_root):

@@ -4,12 +4,12 @@ VOC-20b background evaluator."""
 import numpy as np
 import pytest
 import torch
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import SemSegEvaluator
 from PIL import Image
 
 from catseg.data.datasets import register_custom_dataset
 from catseg.evaluation import BackgroundSemSegEvaluator, ConfusionSemSegEvaluator, build_evaluator
-from detectron2.data import MetadataCatalog
-from detectron2.evaluation import SemSegEvaluator
 
 
 def make_dataset(tmp_path, name, gts, classes, ignore, ext=".png", evaluator_type="sem_seg"):

@@ -6,13 +6,18 @@ import copy
 
 import pytest
 import torch
+from helpers import make_model
 
 from catseg.modeling import attention
-from catseg.modeling.aggregator import (ClassTransformerLayer, SwinTransformerBlockWrapper, Up, WindowAttention,
-                                        set_fused)
+from catseg.modeling.aggregator import (
+    ClassTransformerLayer,
+    SwinTransformerBlockWrapper,
+    Up,
+    WindowAttention,
+    set_fused,
+)
 from catseg.modeling.clip import build_clip
 from catseg.modeling.clip_encoder import DenseCLIPEncoder
-from helpers import make_model
 
 TOL = 1e-5
 

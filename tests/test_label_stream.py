@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_cfg
 from PIL import Image
 
 from catseg.app.image_stream import ImageStream, Item, in_input_order, size_batches
@@ -21,7 +22,6 @@ from catseg.app.label import Listing, NotDone, build_parser
 from catseg.app.label_folder import LabelFolder
 from catseg.app.predictor import OpenVocabPredictor, Segmentation
 from catseg.image_io import ImageReadError
-from helpers import make_cfg
 
 VOCAB = ["sky", "grass", "sea"]
 OPENED = []  # paths opened while RECORDING is set (an audit hook cannot be removed: it checks the flag)

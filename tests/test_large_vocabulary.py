@@ -2,11 +2,11 @@
 is not merged in sliding-window inference; its output is written as the constant, and the result
 equals merging every class (the plain path)."""
 import torch
+from helpers import make_model
 from test_fused import close, fused_and_plain, randomize_
 
 from catseg.modeling.aggregator import UNSELECTED_LOGIT
 from catseg.modeling.meta_arch import sliding_window_views, unselected_classes
-from helpers import make_model
 
 NAMES = [f"class {i}" for i in range(30)]
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CONFIGS, make_model
 
 from catseg.modeling import clip, text
-from helpers import CONFIGS, make_model
 
 RANDOM_CLIP = ["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random"]
 

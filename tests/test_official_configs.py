@@ -11,12 +11,12 @@ model reads equals our configs/cvpr24 file's.
 import pytest
 import torch
 from detectron2.modeling import build_model
-
-from catseg.config import load_config
-from catseg.data.class_names import load_class_names
-from catseg.config.loader import is_official_cvpr24_file
 from helpers import CONFIGS
 from test_model import read_tsv
+
+from catseg.config import load_config
+from catseg.config.loader import is_official_cvpr24_file
+from catseg.data.class_names import load_class_names
 
 RANDOM_CLIP = ["MODEL.SEM_SEG_HEAD.CLIP_WEIGHTS", "random", "MODEL.DEVICE", "cpu"]
 

@@ -6,7 +6,6 @@ into our model built from configs/tiny.yaml (the fixture's opts) and compare.
 """
 import pytest
 import torch
-
 from helpers import make_model
 
 FIXTURES = ["catseg_v1_tiny_s0.pt", "catseg_v1_tiny_s1_500x375.pt"]

@@ -7,11 +7,10 @@ The 260-class fixture exercises the top-256 class selection.
 """
 import pytest
 import torch
-
 from helpers import make_model
-from test_parity import run
+
 # The same checks as for v1, collected here with this module's fixture_and_model.
-from test_parity import test_sliding_window, test_text_features, test_whole_image  # noqa: F401
+from test_parity import run, test_sliding_window, test_text_features, test_whole_image  # noqa: F401
 
 FIXTURES = {"catseg_cvpr24_tiny_b_s0.pt": "cvpr24/tiny_b.yaml", "catseg_cvpr24_tiny_l_s1_260.pt": "cvpr24/tiny_l.yaml"}
 

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import make_cfg
 from PIL import Image
 
-from catseg.image_io import ImageReadError
 from catseg.app.predictor import OpenVocabPredictor, Segmentation
 from catseg.app.vocabulary import EmptyVocabularyError
-from helpers import make_cfg
+from catseg.image_io import ImageReadError
 
 VOCAB = ["sky", "grass, lawn", "house"]
 

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from train_helpers import mini_quickstart, quickstart_cfg
 
 from catseg.data.datasets import register_custom_dataset
 from catseg.data.quickstart import CLASSES, generate, make_sample
 from catseg.engine import CATSegTrainer
-from train_helpers import mini_quickstart, quickstart_cfg
 
 
 def _digest(folder):

@@ -8,9 +8,9 @@ re-seeded every iteration from (data seed, iteration, rank).
 import pytest
 import torch
 from detectron2.engine import hooks
+from train_helpers import batch_fingerprint, mini_quickstart, quickstart_cfg
 
 from catseg.engine import CATSegTrainer
-from train_helpers import batch_fingerprint, mini_quickstart, quickstart_cfg
 
 N = 4
 
@@ -88,8 +88,9 @@ def test_resume_is_exact(data, tmp_path, config):
 
 
 def test_sampler_continues_the_stream():
-    from catseg.engine.data_stream import ResumableTrainingSampler
     import itertools
+
+    from catseg.engine.data_stream import ResumableTrainingSampler
     whole = ResumableTrainingSampler(7, total_batch_size=3, seed=5, rank=0, world_size=1)
     later = ResumableTrainingSampler(7, total_batch_size=3, seed=5, rank=0, world_size=1)
     later.set_start_iter(4)

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_cfg
 
-from catseg.errors import CatsegError, ConfigError, WeightsError
 from catseg.app.predictor import OpenVocabPredictor
 from catseg.app.sam_refine import SamRefiner, refine_labels
-from helpers import make_cfg
+from catseg.errors import CatsegError, ConfigError, WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ clipping."""
 import pytest
 import torch
 from detectron2.modeling import build_model
+from helpers import make_cfg, param_names_by_group
 from torch import nn
 
 from catseg.engine.solver import build_optimizer
-from helpers import make_cfg, param_names_by_group
 
 BASE_LR, DECAY = 2e-4, 1e-4
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)

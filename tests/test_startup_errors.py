@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from catseg.app.predictor import OpenVocabPredictor
 from catseg.config import load_config
 from catseg.errors import DEBUG_ENV, ConfigError, WeightsError, report_errors
-from catseg.app.predictor import OpenVocabPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = str(REPO / "demo" / "samples" / "beach.jpg")

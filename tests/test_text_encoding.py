@@ -5,8 +5,13 @@ import torch
 
 from catseg.modeling import clip, text
 from catseg.modeling.clip_encoder import DenseCLIPEncoder
-from catseg.modeling.text import (class_text_embeddings, encode_texts, supports_eot_bounding,
-                                          truncated_names, warn_truncated)
+from catseg.modeling.text import (
+    class_text_embeddings,
+    encode_texts,
+    supports_eot_bounding,
+    truncated_names,
+    warn_truncated,
+)
 
 NAMES = [
     "", "a", "cat", "sky, heaven", "traffic light", "café au lait", "日本の寺, お寺",

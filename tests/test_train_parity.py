@@ -12,9 +12,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
+from helpers import make_cfg, param_names_by_group
 
 from catseg.engine.solver import build_optimizer
-from helpers import make_cfg, param_names_by_group
 
 V1_OPTS = ["MODEL.SWIN.DROP_PATH_RATE", "0.0", "SOLVER.BACKBONE_MULTIPLIER", "0.01"]
 FIXTURES = {  # test id: (fixture, config, options)

@@ -5,14 +5,14 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
-
-from catseg.config import load_config
-from catseg.modeling.tta import CATSegWithTTA
-from catseg.app.predictor import OpenVocabPredictor
 from helpers import CONFIGS
+from PIL import Image
 from test_benchmarks import SMALL
 from train_helpers import import_train_net
+
+from catseg.app.predictor import OpenVocabPredictor
+from catseg.config import load_config
+from catseg.modeling.tta import CATSegWithTTA
 
 # SMALL: the tiny model at a 64-pixel geometry, one prompt template (speed only)
 TTA = SMALL + ["TEST.AUG.ENABLED", "True", "TEST.AUG.MAX_SIZE", "4000", "TEST.AUG.FLIP", "True"]

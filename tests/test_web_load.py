@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_web_demo import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]

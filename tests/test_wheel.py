@@ -11,8 +11,8 @@ running their own .pth files, so an editable catseg installed there stays invisi
 import json
 import os
 import shutil
-import subprocess
 import socket
+import subprocess
 import sys
 import sysconfig
 import time

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import List
 
-from catseg.data.quickstart import generate
 from helpers import make_cfg
+
+from catseg.data.quickstart import generate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ Paths are plain strings: no pathlib object (nor its parsing) per listed path.
 processes in turn (block k to process k modulo the world size). A block is also a unit of
 batching (catseg/app/image_stream.py), so which images share a network pass does not depend
 on the number of processes: the same inputs give the same float results (on the CPU: with the
-same thread count), hence byte-identical labels, with 1 or N processes. The listing order must be the same on every process and every
-restart: a list file's order, glob's and the file system's directory order for an unchanged
-folder (on a network file system, the server's).
+same thread count), hence byte-identical labels, with 1 or N processes. The listing order must
+be the same on every process and every restart: a list file's order, glob's and the file
+system's directory order for an unchanged folder (on a network file system, the server's).
 """
 import glob
 import os

@@ -29,9 +29,9 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..errors import CatsegError
 from ..image_io import IMAGE_EXTENSIONS
 from ..palette import class_colors
-from ..errors import CatsegError
 from .class_names import load_class_names, resolve_class_list
 
 logger = logging.getLogger(__name__)

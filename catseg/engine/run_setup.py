@@ -11,8 +11,8 @@ from detectron2.utils import comm
 from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
 
-from ..console import FILE_ONLY, setup_logging
 from ..app.output_dir import make_output_dir
+from ..console import FILE_ONLY, setup_logging
 
 
 def setup_run(cfg, args) -> None:

@@ -35,9 +35,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..console import FILE_ONLY
-from ..errors import CatsegError
 from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
+from ..errors import CatsegError
 from ..evaluation import build_evaluator
 from ..modeling.tta import CATSegWithTTA
 from ..weights.checkpointer import CATSegCheckpointer

@@ -35,17 +35,31 @@ compute the same result up to float rounding (tests/test_fused.py):
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import Mlp
 from torch import nn
 
 from .attention import AttentionLayer, ExtraTokens, per_window_attention
-from .chunking import (ChunkBudget, class_attention_bytes_per_position, decoder_bytes_per_class, over_chunks,
-                       spatial_bytes_per_class)
+from .chunking import (
+    ChunkBudget,
+    class_attention_bytes_per_position,
+    decoder_bytes_per_class,
+    over_chunks,
+    spatial_bytes_per_class,
+)
 from .inplace import mlp, residual
-from .lean_autograd import (PreActivation, conv_after, fused_attention_backward_available, interleave_phases,
-                            norm_linear, norm_mlp, norm_qkv_attention, permute_rows, use_lean)
+from .lean_autograd import (
+    PreActivation,
+    conv_after,
+    fused_attention_backward_available,
+    interleave_phases,
+    norm_linear,
+    norm_mlp,
+    norm_qkv_attention,
+    permute_rows,
+    use_lean,
+)
 
 
 def set_fused(module: nn.Module, fused: bool) -> None:

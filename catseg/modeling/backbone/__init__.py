@@ -1,3 +1,7 @@
 """Guidance backbones registered in detectron2's BACKBONE_REGISTRY."""
-from . import swin  # noqa: F401
-from . import cluster, twins, vit  # noqa: F401
+from . import (  # noqa: F401
+    cluster,
+    swin,  # noqa: F401
+    twins,
+    vit,
+)
