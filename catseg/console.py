@@ -10,7 +10,11 @@ config) go to OUTPUT_DIR/log.txt but not to the console (`setup_logging`).
 import logging
 import sys
 import warnings
-from typing import Optional
+from typing import Callable, Optional, TypeVar
+
+from .errors import report_errors
+
+T = TypeVar("T")
 
 FILE_ONLY = {"file_only": True}  # logging `extra`: write the record to the log file only
 
@@ -84,3 +88,15 @@ def setup_cli_logging() -> None:
 
 class _CliHandler(logging.StreamHandler):
     """The plain stderr handler of `setup_cli_logging`."""
+
+
+def run_command(func: Callable[[], T], debug: bool = False) -> T:
+    """The body of a command line (catseg-demo, catseg-label): console logging, each warning
+    printed as one `WARNING: ...` line every time, and a CatsegError as one `error: ...` line
+    with exit status 2 (`report_errors`)."""
+    setup_cli_logging()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        silence_dependency_warnings()
+        warnings.showwarning = lambda message, *_, **__: print(f"WARNING: {message}", file=sys.stderr)
+        return report_errors(func, debug=debug)

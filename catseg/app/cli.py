@@ -29,14 +29,13 @@ import argparse
 import glob
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
 from ..config import shipped_config
-from ..console import setup_cli_logging, silence_dependency_warnings
+from ..console import run_command
 from ..errors import OutputError, report_errors
 from ..image_io import IMAGE_EXTENSIONS, ImageReadError
 from ..weights.models import format_model_table, released_model
@@ -122,12 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not args.input or not args.output:
         parser.error("the following arguments are required: --input, --output")
-    setup_cli_logging()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # ours: every time, one line each
-        silence_dependency_warnings()
-        warnings.showwarning = lambda message, *_, **__: print(f"WARNING: {message}", file=sys.stderr)
-        return report_errors(lambda: run(args), debug=args.debug)
+    return run_command(lambda: run(args), debug=args.debug)
 
 
 def run(args) -> int:

@@ -38,7 +38,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -47,8 +46,8 @@ from torch.multiprocessing.spawn import ProcessException
 from tqdm import tqdm
 
 from ..config import load_config, shipped_config
-from ..console import setup_cli_logging, silence_dependency_warnings
-from ..errors import ConfigError, report_errors
+from ..console import run_command
+from ..errors import ConfigError
 from ..weights.pretrained import check_weights_file
 from .cli import DEFAULT_CONFIG, choose_vocabulary
 from .image_stream import BLOCK_BATCHES, ImageStream, segmented
@@ -97,12 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_cli_logging()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        silence_dependency_warnings()
-        warnings.showwarning = lambda message, *_, **__: print(f"WARNING: {message}", file=sys.stderr)
-        return report_errors(lambda: start(args), debug=args.debug)
+    return run_command(lambda: start(args), debug=args.debug)
 
 
 def start(args) -> int:
