@@ -49,8 +49,8 @@ def test_attention_layer_extra_tokens_fused_matches_plain(guided):
     with torch.no_grad():
         extra = fused.extra_tokens(7, token, token_guidance)
         assert isinstance(extra, ExtraTokens)
-        assert close(fused(x, g, extra), plain(x, g, extra))
-        assert not close(fused(x, g, extra), fused(x, g))  # the tokens do enter the result
+        assert close(fused(x, fused.prepare(g), extra), plain(x, plain.prepare(g), extra))
+        assert not close(fused(x, fused.prepare(g), extra), fused(x, fused.prepare(g)))  # the tokens enter the result
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -398,11 +398,11 @@ class ClassTransformerLayer(nn.Module):
         """The fused path handles padding through linear attention's rank-1 term only."""
         return self.fused and (self.num_padding(classes) == 0 or self.attention.attention_type == "linear")
 
-    def transform(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+    def transform(self, x: torch.Tensor, qk_bias: torch.Tensor,
                   extra: Optional[ExtraTokens]) -> torch.Tensor:
-        """Fused pre-norm attention + MLP, both residual. x: (B, M, T, C); guidance: (B, 1, T, G) or None."""
+        """Fused pre-norm attention + MLP, both residual. x: (B, M, T, C); qk_bias: (B, 1, T, 2C) or (2C,)."""
         fc1, _, fc2 = self.MLP
-        x = x + self.attention.forward_fused(self.norm1(x), guidance, extra)
+        x = x + self.attention.forward_fused(self.norm1(x), qk_bias, extra)
         if use_lean(x):
             return residual(x, norm_mlp(x, self.norm2, fc1, fc2, activation="relu"))
         return residual(x, mlp(fc1, fc2, self.norm2(x), F.relu, torch.relu_))
@@ -421,7 +421,8 @@ class ClassTransformerLayer(nn.Module):
     def forward_fused(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
         b, t, h, w, c = x.shape
         in_place = not torch.is_grad_enabled()
-        guidance = guidance.unsqueeze(1) if guidance is not None else None  # broadcast over positions
+        # the guidance half of q / k, once per class, broadcast over positions
+        qk_bias = self.attention.qk_bias(guidance.unsqueeze(1) if guidance is not None else None)
         n_pad = self.num_padding(t)
         extra = None
         if n_pad:
@@ -433,12 +434,12 @@ class ClassTransformerLayer(nn.Module):
 
             def step(s: slice) -> torch.Tensor:
                 chunk_x = flat[:, :, s].transpose(1, 2)
-                return residual(chunk_x, self.transform(chunk_x, guidance, extra)).transpose(1, 2)
+                return residual(chunk_x, self.transform(chunk_x, qk_bias, extra)).transpose(1, 2)
             return over_chunks(step, h * w, chunk or h * w, dim=2, out=flat if in_place else None).view_as(x)
         pooled = pool(x.view(b * t, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         ph, pw = pooled.shape[1:3]
         pooled = pooled.reshape(b, t, ph * pw, c)
-        pooled = over_chunks(lambda s: self.transform(pooled[:, :, s].transpose(1, 2), guidance, extra).transpose(1, 2),
+        pooled = over_chunks(lambda s: self.transform(pooled[:, :, s].transpose(1, 2), qk_bias, extra).transpose(1, 2),
                              ph * pw, chunk or ph * pw, dim=2)
         pooled = pooled.reshape(b * t, ph, pw, c).permute(0, 3, 1, 2)
         up = F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)

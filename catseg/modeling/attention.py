@@ -98,10 +98,11 @@ PLAIN_ATTENTION_FUNCTIONS = {"linear": linear_attention_plain, "full": full_atte
 class AttentionLayer(nn.Module):
     """Multi-head attention whose queries and keys also see a guidance vector.
 
-    q, k = Linear([x, guidance]); v = Linear(x). `forward` dispatches on `fused`. Fused path
-    (`forward_fused`): the guidance depends on the sequence element only (one vector per class),
-    so its half of the q / k projections is computed once per element (`qk_bias`) and broadcast
-    over the positions, from the same parameters split at use time; `extra` tokens enter linear
+    q, k = Linear([x, guidance]); v = Linear(x). `forward` dispatches on `fused`; `prepare(guidance)`
+    gives the path's `context`. Fused path (`forward_fused`): the guidance depends on the sequence
+    element only (one vector per class), so its half of the q / k projections is computed once per
+    element (`qk_bias`, the fused context) and broadcast over the positions, from the same
+    parameters split at use time; `extra` tokens enter linear
     attention as one rank-1 term. Plain path (`forward_plain`): the concatenation, as written,
     and `extra` tokens appended to the sequence (their own outputs dropped).
     """
@@ -130,26 +131,34 @@ class AttentionLayer(nn.Module):
         xg = x if guidance is None else torch.cat([x, guidance])
         return ExtraTokens(count, self.k(xg), self.v(x))
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
-                extra: Optional[ExtraTokens] = None) -> torch.Tensor:
-        """x: (..., L, C), attention along L; guidance: (..., L, G) broadcastable to x's leading
-        dimensions, or None; extra: tokens appended to every sequence (the fused path takes them
-        with linear attention only). Returns (..., L, C)."""
-        if self.fused:
-            return self.forward_fused(x, guidance, extra)
-        return self.forward_plain(x, guidance, extra)
+    def prepare(self, guidance: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(..., L, G) guidance, broadcastable to x's leading dimensions, or None -> the `forward`
+        context: fused, `qk_bias(guidance)` (computed once, reused by every chunk of positions);
+        plain, the guidance."""
+        return self.qk_bias(guidance) if self.fused else guidance
 
-    def forward_fused(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor],
+                extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+        """x: (..., L, C), attention along L; context: `prepare` output; extra: tokens appended to
+        every sequence (the fused path takes them with linear attention only). Returns (..., L, C)."""
+        if self.fused:
+            return self.forward_fused(x, context, extra)
+        return self.forward_plain(x, context, extra)
+
+    def forward_fused(self, x: torch.Tensor, context: Optional[torch.Tensor],
                       extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+        """context: `qk_bias` output, broadcastable to (..., L, 2C)."""
         c = x.shape[-1]
         qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]))
-        qk = qk.add_(self.qk_bias(guidance))  # in place: the linear map's backward does not need its output
+        qk = qk.add_(context)  # in place: the linear map's backward does not need its output
         if extra is not None:
             return linear_attention(qk[..., :c], qk[..., c:], self.v(x), self.nheads, extra=extra)
         return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], self.v(x), self.nheads)
 
-    def forward_plain(self, x: torch.Tensor, guidance: Optional[torch.Tensor],
+    def forward_plain(self, x: torch.Tensor, context: Optional[torch.Tensor],
                       extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+        """context: the guidance, (..., L, G) broadcastable to x's leading dimensions, or None."""
+        guidance = context
         xg = x if guidance is None else torch.cat([x, guidance.expand(*x.shape[:-1], -1)], dim=-1)
         q, k, v = self.q(xg), self.k(xg), self.v(x)
         length = x.shape[-2]
