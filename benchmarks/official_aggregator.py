@@ -99,11 +99,15 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(args.repo).resolve()))
-    sys.path.insert(0, str(Path(args.official).resolve()))
-    import importlib
+    import importlib.util
 
     import catseg  # noqa: F401  (both sides import the same modules: equal RSS baselines)
-    official = importlib.import_module(OFFICIAL_MODULE)
+    # The file alone, not the package: importing `cat_seg` would register its datasets under the
+    # names catseg registers too. model.py needs only torch, einops and timm.
+    path = (Path(args.official) / OFFICIAL_MODULE.replace(".", "/")).with_suffix(".py")
+    spec = importlib.util.spec_from_file_location(OFFICIAL_MODULE, path)
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
 
     saved = torch.load(args.setup, weights_only=False)
     ours, inputs = saved["aggregator"], saved["inputs"]
