@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
     vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
     p.add_argument("--batch-size", type=int, default=2, help="images per network pass")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the network in bfloat16 (TEST.BF16): faster, approximate; measured in "
+                   "benchmarks/RESULTS.md")
     p.add_argument("--refine", choices=["sam"], help="sam: label Segment Anything's automatic masks with CAT-Seg")
     p.add_argument("--sam-weights", help="local SAM checkpoint for --refine sam (config key MODEL.SAM.WEIGHTS)")
     p.add_argument("--debug", action="store_true", help="show the traceback of start-up errors (or CATSEG_DEBUG=1)")
@@ -143,7 +146,8 @@ def run(args) -> int:
         return 1
     out_dir = make_output_dir(args.output)
 
-    opts = (["MODEL.WEIGHTS", model.weights] if model else []) + args.opts
+    opts = (["MODEL.WEIGHTS", model.weights] if model else []) + (["TEST.BF16", "True"] if args.bf16 else [])
+    opts += args.opts
     opts += ["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []
     predictor = OpenVocabPredictor(config, opts=opts, batch_size=args.batch_size, refine=args.refine or "")
     weights = predictor.cfg.MODEL.WEIGHTS

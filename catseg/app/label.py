@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-file", help="class names: .json list or .txt (one class per line)")
     vocab.add_argument("--dataset-vocab", help="a benchmark's class list (ade150, ade847, coco, pc59, ...)")
     p.add_argument("--batch-size", type=int, default=4, help="images per network pass (default 4)")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the network in bfloat16 (TEST.BF16): faster, approximate; measured in "
+                   "benchmarks/RESULTS.md")
     p.add_argument("--loader-workers", type=int, default=2, help="decoding processes per labelling process")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per labelling process on the CPU (default: cores / --num-gpus)")
@@ -110,7 +113,8 @@ def start(args) -> int:
     if min(args.num_gpus, args.num_machines, args.batch_size) < 1 or not 0 <= args.machine_rank < args.num_machines:
         raise ConfigError("--num-gpus, --num-machines and --batch-size must be >= 1, "
                           "and --machine-rank within 0..num-machines-1")
-    cfg = load_config(config, args.opts)  # config and weights mistakes: one line, before any process starts
+    opts = (["TEST.BF16", "True"] if args.bf16 else []) + args.opts
+    cfg = load_config(config, opts)  # config and weights mistakes: one line, before any process starts
     check_weights_file(cfg.MODEL.WEIGHTS)
     out = make_output_dir(args.output)
     if args.video_input:
