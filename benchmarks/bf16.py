@@ -26,7 +26,8 @@ Two parts, each in its own subprocess (own import of `--repo`, own peak memory):
    pixels, and the seconds of the whole val pass.
 
 Both parts also check that bf16 really runs: the output dtypes of the Linear / Conv2d modules
-(bf16 under TEST.BF16, none in fp32) and that the returned probabilities are fp32.
+(bf16 under TEST.BF16, none in fp32; the text tower, which encodes the class names once outside
+the autocast region, stays fp32 by design) and that the returned probabilities are fp32.
 
     python benchmarks/bf16.py                                   # both parts, defaults
     python benchmarks/bf16.py --models CVPR24-B --classes 20 --repeats 1 --skip-quickstart
@@ -66,20 +67,23 @@ def synthetic_image(kind: str, height: int = 512, width: int = 683):
 
 
 class DtypeCheck:
-    """Output dtypes of every Linear / Conv2d call of `model` while active (forward hooks)."""
+    """Output dtypes of every Linear / Conv2d call of `model` while active (forward hooks): `counts`
+    calls per dtype, `names` the modules per dtype."""
 
     def __init__(self, model):
         import torch
 
-        self.model, self.counts, self.hooks = model, {}, []
-        self.modules = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        self.counts, self.names, self.hooks = {}, {}, []  # names: dtype -> module names (first of each)
+        self.modules = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
     def __enter__(self):
-        def hook(module, inputs, output):
-            if hasattr(output, "dtype"):
+        def hook(name):
+            def record(module, inputs, output):
                 key = str(output.dtype).replace("torch.", "")
                 self.counts[key] = self.counts.get(key, 0) + 1
-        self.hooks = [m.register_forward_hook(hook) for m in self.modules]
+                self.names.setdefault(key, set()).add(name)
+            return record
+        self.hooks = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
         return self
 
     def __exit__(self, *exc):
@@ -138,7 +142,8 @@ def real_size_worker(args) -> dict:
                 model.bf16 = precision == "bf16"
                 with DtypeCheck(model) as check:
                     result = model(batch)[0]["sem_seg"]
-                dtypes[precision] = {"modules": check.counts, "output": str(result.dtype).replace("torch.", "")}
+                dtypes[precision] = {"modules": check.counts, "output": str(result.dtype).replace("torch.", ""),
+                                        "float32_modules": sorted(check.names.get("float32", ()))}
             for _ in range(args.repeats):
                 for precision in PRECISIONS:
                     model.bf16 = precision == "bf16"
@@ -210,7 +215,8 @@ def quickstart_worker(args) -> dict:
                 if i == 0:
                     check.__exit__()
                     dtypes[precision] = {"modules": check.counts,
-                                         "output": str(outputs[precision][0]["sem_seg"].dtype).replace("torch.", "")}
+                                         "output": str(outputs[precision][0]["sem_seg"].dtype).replace("torch.", ""),
+                                         "float32_modules": sorted(check.names.get("float32", ()))}
                 evaluators[precision].process(inputs, outputs[precision])
             for ref, other in zip(outputs["fp32"], outputs["bf16"]):
                 stats.append(compare(ref["sem_seg"], other["sem_seg"], args.margins))
@@ -228,13 +234,15 @@ def dtype_note(dtypes) -> str:
         return d["modules"].get("bfloat16", 0), sum(d["modules"].values())
     b, n = count(dtypes["bf16"])
     f, m = count(dtypes["fp32"])
-    return (f"bf16 pass: {b} of {n} Linear / Conv2d outputs in bfloat16, probabilities {dtypes['bf16']['output']}; "
-            f"fp32 pass: {f} of {m} in bfloat16, probabilities {dtypes['fp32']['output']}")
+    rest = dtypes["bf16"]["float32_modules"]
+    rest = f" (float32: {', '.join(rest[:4])}{', ...' if len(rest) > 4 else ''})" if rest else ""
+    return (f"bf16 pass: {b} of {n} Linear / Conv2d outputs in bfloat16{rest}, probabilities "
+            f"{dtypes['bf16']['output']}; fp32 pass: {f} of {m} in bfloat16, probabilities {dtypes['fp32']['output']}")
 
 
 def margin_cells(s) -> str:
     """"agree % (pixels %)" per margin; "- (0.0)" where no pixel has that margin."""
-    return " | ".join(f"{'-' if m['agree_pct'] is None else format(m['agree_pct'], '.2f')} ({m['pixels_pct']:.1f})"
+    return " | ".join(f"{'-' if m['agree_pct'] is None else format(m['agree_pct'], '.2f')} ({m['pixels_pct']:.2f})"
                       for m in s["margins"].values())
 
 
