@@ -113,6 +113,17 @@ def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * batch * query_shape[-2] * key_shape[-2] * (query_shape[-1] + value_shape[-1])
 
 
+def flop_counter_mode():
+    """A FlopCounterMode that also counts the CPU fused attention kernel."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = attention_flops
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
 def op_counter(flop_counter, peak_flops: float, bandwidth: float):
     """A TorchDispatchMode, entered inside `flop_counter` (a FlopCounterMode), that keeps `total`:
     [FLOPs, bytes moved, op floor seconds] of the aten operations run under it so far."""
@@ -152,12 +163,8 @@ def count_stages(model, batch, peak_flops: float, bandwidth: float) -> dict:
     """Per stage [FLOPs, bytes moved, op floor seconds] of one forward of `batch` (stages as `instrument`)."""
     import numpy as np
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    custom = {}
-    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = attention_flops
-    flop_counter = FlopCounterMode(display=False, custom_mapping=custom)
+    flop_counter = flop_counter_mode()
     counter = op_counter(flop_counter, peak_flops, bandwidth)
     timer = inference.StageTimer("cpu", clock=lambda: counter.total.copy())
     inference.instrument(model, timer)
