@@ -23,14 +23,22 @@ timed ones, so it does not change their seconds. Stages are attributed by the sa
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions, attention;
   2 FLOPs per multiply-add; the CPU fused attention kernel is given its formula here).
   Elementwise operations, softmax, normalisation and resizing count 0 FLOPs.
+  Check: CLIP ViT-B/16 at 384 (577 tokens, 12 blocks) is ~109 GFLOP per view (~55 G multiply-adds,
+  what fvcore calls FLOPs), 545 GFLOP for the 5 views: the "clip" row of B and CVPR24-B.
 - Bytes moved: per aten operation, the bytes of its tensor inputs and outputs (distinct elements:
-  an expanded or overlapping view counts its storage at most); views move nothing; an indexed
+  an expanded or overlapping view counts its storage at most); views move nothing; an in-place
+  operation reads and writes `self` (copy_, fill_, zero_ only write it); an indexed
   in-place write (index_copy_, index_put_, ...) counts its source twice (read, written). It is the
-  least traffic of unfused operations whose operands come from memory: a lower estimate where
-  operands stay in cache between operations, an upper one where a library kernel fuses them.
+  traffic of unfused operations whose operands come from memory: too high where operands stay in
+  cache between operations, too low where a kernel re-reads its operands (small GEMM tiles).
 - floor s = max(FLOPs / fp32 peak, bytes / bandwidth) per stage, "bound" says which term is the
   larger; op floor s = the same maximum taken per operation and summed, a tighter floor (an
   operation cannot overlap the next in eager PyTorch). The total row sums the stages' floors.
+  seconds / floor is how far a stage is from its floor: near 1, only fewer FLOPs or bytes (or
+  bf16, see its peak) make it faster; far above, the time goes to overheads the counts do not
+  see (small operations, Python, poor kernel shapes, cache misses beyond the estimate).
+- GFLOP = 1e9 FLOPs, GB = 1e9 bytes. One timed run per configuration by default, as the K = 150
+  and 847 rows of RESULTS.md; timings need an otherwise idle machine (the peaks too).
 """
 import argparse
 import json
@@ -47,6 +55,7 @@ BANDWIDTH_MIB = 256
 # in-place writes of a part of `self` (indices, a mask): they move their sources, not `self`
 INDEXED_WRITES = {"index_copy_", "index_put_", "_index_put_impl_", "index_add_", "scatter_", "scatter_add_",
                   "scatter_reduce_", "masked_scatter_", "put_"}
+WRITE_ONLY = {"copy_", "fill_", "zero_"}  # in-place operations that write `self` without reading it
 
 
 def gemm_gflops(dtype, n: int, repeats: int) -> float:
@@ -149,8 +158,11 @@ def op_counter(flop_counter, peak_flops: float, bandwidth: float):
                 return out
             flops = flop_counter.get_total_flops() - before
             inputs = tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
-            if func._schema.name.split("::")[-1] in INDEXED_WRITES:
+            name = func._schema.name.split("::")[-1]
+            if name in INDEXED_WRITES:
                 moved = 2 * sum(map(tensor_bytes, inputs[1:]))
+            elif name in WRITE_ONLY:
+                moved = sum(map(tensor_bytes, inputs[1:] + outputs))
             else:
                 moved = sum(map(tensor_bytes, inputs + outputs))
             self.total += (flops, moved, max(flops / peak_flops, moved / bandwidth))

@@ -32,6 +32,7 @@ def test_single_operations():
     assert counted(lambda: (q.transpose(1, 2), q[:, :1], q.flatten(0, 1))) == [0, 0, 0]  # views move nothing
     assert counted(lambda: b.expand(1000, 4) + 1)[1] == 4 * 4 + 4 * 4000  # a broadcast operand once
     assert counted(lambda: x.relu_())[1] == 2 * 4 * 128  # in place: read and written
+    assert counted(lambda: x.copy_(x + 1))[1] == 2 * 4 * 128 + 2 * 4 * 128  # add; copy_: read x + 1, write x
     big, src = torch.zeros(100, 1000), torch.ones(3, 1000)
     index = torch.tensor([1, 5, 7])
     assert counted(lambda: big.index_copy_(0, index, src))[1] == 2 * (3 * 8 + 3 * 4000)  # not all of `big`
