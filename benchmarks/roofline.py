@@ -20,8 +20,9 @@ timed ones, so it does not change their seconds. Stages are attributed by the sa
   `--peak-repeats`: fp32 GEMM (`torch.mm`, square, n = 2048 and 4096), bf16 GEMM (the same, a
   reference line: this CPU has AVX512-BF16 / AMX; inference runs fp32), memory bandwidth (the
   faster of a copy and an add of 256 MiB fp32 tensors, bytes read + written).
-- FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions, attention;
-  2 FLOPs per multiply-add; the CPU fused attention kernel is given its formula here).
+- FLOPs: the formulas of `torch.utils.flop_counter` (matrix products, convolutions, attention;
+  2 FLOPs per multiply-add; the CPU fused attention kernel is given its formula here), applied
+  per aten operation (composite products such as linear or einsum are decomposed first).
   Elementwise operations, softmax, normalisation and resizing count 0 FLOPs.
   Check: CLIP ViT-B/16 at 384 (577 tokens, 12 blocks) is ~109 GFLOP per view (~55 G multiply-adds,
   what fvcore calls FLOPs), 545 GFLOP for the 5 views: the "clip" row of B and CVPR24-B.
@@ -56,6 +57,9 @@ BANDWIDTH_MIB = 256
 INDEXED_WRITES = {"index_copy_", "index_put_", "_index_put_impl_", "index_add_", "scatter_", "scatter_add_",
                   "scatter_reduce_", "masked_scatter_", "put_"}
 WRITE_ONLY = {"copy_", "fill_", "zero_"}  # in-place operations that write `self` without reading it
+# composite operations with products inside that reach a dispatch mode whole (under inference_mode)
+DECOMPOSED = {"linear", "bilinear", "matmul", "einsum", "tensordot", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+              "conv_transpose2d", "conv_transpose3d", "scaled_dot_product_attention"}
 
 
 def gemm_gflops(dtype, n: int, repeats: int) -> float:
@@ -116,30 +120,37 @@ def is_view(func) -> bool:
 
 
 def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the CPU fused attention (`_scaled_dot_product_flash_attention_for_cpu`): q @ k^T and
-    weights @ v, 2 per multiply-add; the softmax and the mask are not counted."""
+    """FLOPs of the CPU fused attention (`_scaled_dot_product_flash_attention_for_cpu`) from its
+    operands' shapes: q @ k^T and weights @ v, 2 per multiply-add; the softmax and the mask are not counted."""
     batch = math.prod(query_shape[:-2])
     return 2 * batch * query_shape[-2] * key_shape[-2] * (query_shape[-1] + value_shape[-1])
 
 
-def flop_counter_mode():
-    """A FlopCounterMode that also counts the CPU fused attention kernel."""
+def flop_formulas() -> dict:
+    """aten operation (packet) -> FLOPs of one call (tensors, out_val=output): FlopCounterMode's
+    `flop_registry`, and `attention_flops` for the CPU fused attention."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import flop_registry
 
-    custom = {}
-    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = attention_flops
-    return FlopCounterMode(display=False, custom_mapping=custom)
+    formulas = dict(flop_registry)
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        formulas[cpu_attention] = lambda q, k, v, *args, out_val=None, **kwargs: attention_flops(q.shape, k.shape,
+                                                                                                v.shape)
+    return formulas
 
 
-def op_counter(flop_counter, peak_flops: float, bandwidth: float):
-    """A TorchDispatchMode, entered inside `flop_counter` (a FlopCounterMode), that keeps `total`:
-    [FLOPs, bytes moved, op floor seconds] of the aten operations run under it so far."""
+def op_counter(peak_flops: float, bandwidth: float):
+    """A TorchDispatchMode that keeps `total`: [FLOPs, bytes moved, op floor seconds] of the aten
+    operations run under it so far. The composite operations of `DECOMPOSED` run as their
+    decomposition, so that their products are counted (FlopCounterMode decomposes every composite
+    operation: its Python decomposition of bilinear resizing is ~10x slower than the kernel)."""
     import numpy as np
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+
+    formulas = flop_formulas()
 
     def tensors(tree):
         return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
@@ -151,14 +162,19 @@ def op_counter(flop_counter, peak_flops: float, bandwidth: float):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            before = flop_counter.get_total_flops()
-            out = func(*args, **kwargs)  # the FlopCounterMode below counts its FLOPs
+            name = func._schema.name.split("::")[-1]
+            if name in DECOMPOSED:
+                with self:
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            out = func(*args, **kwargs)
             outputs = tensors(out)
             if not outputs or is_view(func):
                 return out
-            flops = flop_counter.get_total_flops() - before
+            formula = formulas.get(func._overloadpacket)
+            flops = formula(*args, **kwargs, out_val=out) if formula else 0
             inputs = tensors((args, {k: v for k, v in kwargs.items() if k != "out"}))
-            name = func._schema.name.split("::")[-1]
             if name in INDEXED_WRITES:
                 moved = 2 * sum(map(tensor_bytes, inputs[1:]))
             elif name in WRITE_ONLY:
@@ -176,14 +192,10 @@ def count_stages(model, batch, peak_flops: float, bandwidth: float) -> dict:
     import numpy as np
     import torch
 
-    flop_counter = flop_counter_mode()
-    counter = op_counter(flop_counter, peak_flops, bandwidth)
+    counter = op_counter(peak_flops, bandwidth)
     timer = inference.StageTimer("cpu", clock=lambda: counter.total.copy())
     inference.instrument(model, timer)
-    # FlopCounterMode's module tracker hooks the autograd graph of inputs that require gradients,
-    # and fails on parameters used under inference_mode: none require them in this pass
-    model.requires_grad_(False)
-    with torch.no_grad(), flop_counter, counter:
+    with torch.no_grad(), counter:
         model(batch)
     stages = inference.stage_seconds(timer.totals, counter.total.copy())
     return {k: (np.zeros(3) + v).tolist() for k, v in stages.items()}
