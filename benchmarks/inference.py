@@ -52,21 +52,23 @@ def build(repo: Path, model: str, device: str, opts):
 
 
 class StageTimer:
-    """Accumulates wall time per stage from forward pre/post hooks (CUDA-synchronised)."""
+    """Accumulates wall time per stage from forward pre/post hooks (CUDA-synchronised).
+    `clock` can be any other running count (benchmarks/roofline.py counts FLOPs and bytes with it)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, clock=time.perf_counter):
         import torch
 
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.clock = clock
         self.totals = dict.fromkeys(STAGES, 0.0)
 
     def wrap(self, stage: str, fn):
         def timed(*args, **kwargs):
             self.sync()
-            start = time.perf_counter()
+            start = self.clock()
             out = fn(*args, **kwargs)
             self.sync()
-            self.totals[stage] += time.perf_counter() - start
+            self.totals[stage] += self.clock() - start
             return out
         return timed
 
@@ -75,40 +77,46 @@ class StageTimer:
 
         def pre(*_):
             self.sync()
-            starts.append(time.perf_counter())
+            starts.append(self.clock())
 
         def post(*_):
             self.sync()
-            self.totals[stage] += time.perf_counter() - starts.pop()
+            self.totals[stage] += self.clock() - starts.pop()
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
 
 
+def stage_modules(model):
+    """Which module is which stage: (stage, module) pairs. "guidance" is the v1 backbone or the
+    CVPR'24 upsamplers; the aggregator as a whole is "agg_other" (its parts are subtracted in
+    `stage_seconds`); everything outside these modules is "post". Versions before the
+    DenseCLIPEncoder (e.g. the baseline) have no "clip" module, see `instrument`."""
+    pairs = [("clip", model.clip_encoder)] if hasattr(model, "clip_encoder") else []
+    pairs += [("guidance", getattr(model, name)) for name in ("backbone", "upsample1", "upsample2")
+              if hasattr(model, name)]
+    agg = model.sem_seg_head.predictor.transformer
+    pairs.append(("agg_other", agg))
+    for layer in agg.layers:
+        pairs += [("spatial", layer.swin_block), ("class", layer.attention)]
+    pairs += [("decoder", module) for module in (agg.decoder1, agg.decoder2, agg.head)]
+    return pairs
+
+
 def instrument(model, timer: StageTimer) -> None:
-    """Hooks every stage of `model`; the aggregator's total minus its parts is `agg_other`.
-    "guidance" is the v1 backbone or the CVPR'24 upsamplers. Versions before the
-    DenseCLIPEncoder (e.g. the baseline) have a module function for the dense CLIP pass."""
+    """Hooks every stage of `model` (`stage_modules`). Versions before the DenseCLIPEncoder
+    (e.g. the baseline) have a module function for the dense CLIP pass: it is wrapped instead."""
     import catseg.modeling.meta_arch as meta_arch
 
-    if hasattr(model, "clip_encoder"):
-        timer.hook("clip", model.clip_encoder)
-    else:
+    if not hasattr(model, "clip_encoder"):
         meta_arch.encode_image_dense = timer.wrap("clip", meta_arch.encode_image_dense)
-    for name in ("backbone", "upsample1", "upsample2"):
-        if hasattr(model, name):
-            timer.hook("guidance", getattr(model, name))
-    agg = model.sem_seg_head.predictor.transformer
-    timer.hook("agg_other", agg)  # whole aggregator; its parts are subtracted in `stage_seconds`
-    for layer in agg.layers:
-        timer.hook("spatial", layer.swin_block)
-        timer.hook("class", layer.attention)
-    for module in (agg.decoder1, agg.decoder2, agg.head):
-        timer.hook("decoder", module)
+    for stage, module in stage_modules(model):
+        timer.hook(stage, module)
 
 
 def stage_seconds(totals, total: float):
+    """Per-stage totals of `StageTimer` (of any clock) -> exclusive per-stage amounts summing to `total`."""
     out = dict(totals)
-    out["agg_other"] -= out["spatial"] + out["class"] + out["decoder"]
+    out["agg_other"] = out["agg_other"] - (out["spatial"] + out["class"] + out["decoder"])
     out["post"] = total - sum(out.values())  # "post" is still 0 here
     return out
 
@@ -117,26 +125,47 @@ def worker(args) -> dict:
     """One configuration in this process; returns its measurements."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = args.device
     opts = list(args.opts)
     if args.text_classes:  # an empty on-disk text cache: time the encoding, not a cache hit
         opts += ["MODEL.SEM_SEG_HEAD.TEXT_CACHE_DIR", tempfile.mkdtemp(prefix="catseg-bench-text-")]
-    model = build(Path(args.repo).resolve(), args.model, device, opts)
-    predictor = model.sem_seg_head.predictor
-    names = [f"class {i}" for i in range(args.classes)]
-    predictor.set_test_classes(names)
+    model, names = load(args, opts)
     if args.text_classes:  # cost of encoding the text of a few classes, all templates
         start = time.perf_counter()
         with torch.no_grad():
-            predictor.text_features(names[: args.text_classes])
+            model.sem_seg_head.predictor.text_features(names[: args.text_classes])
         return {"text_s_per_class": (time.perf_counter() - start) / args.text_classes}
+    return time_stages(model, cached_input(model, names, args.device), args)
+
+
+def load(args, opts):
+    """`args.threads` threads, seed 0, the model of `args.repo` / `args.model` with `args.classes` test classes."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build(Path(args.repo).resolve(), args.model, args.device, opts)
+    names = [f"class {i}" for i in range(args.classes)]
+    model.sem_seg_head.predictor.set_test_classes(names)
+    return model, names
+
+
+def cached_input(model, names, device: str):
+    """Random unit-norm text features of `names` in the predictor's cache; the one-image batch."""
+    import torch
+
+    predictor = model.sem_seg_head.predictor
     width = predictor.clip_model.text_projection.shape[-1]
-    text = torch.randn(args.classes, len(predictor.prompt_templates), width, device=device)
+    text = torch.randn(len(names), len(predictor.prompt_templates), width, device=device)
     predictor._text_cache[tuple(names)] = torch.nn.functional.normalize(text, dim=-1)
     image = torch.randint(0, 256, (3, 512, 683), generator=torch.Generator().manual_seed(0)).float()
-    batch = [{"image": image, "height": 512, "width": 683}]
+    return [{"image": image, "height": 512, "width": 683}]
+
+
+def time_stages(model, batch, args) -> dict:
+    """`args.warmup` untimed and `args.repeats` timed forwards of `batch`, hooked per stage."""
+    import torch
+
+    device = args.device
     timer = StageTimer(device)
     instrument(model, timer)
     rss_model = peak_rss_gib()
