@@ -298,12 +298,12 @@ class CATSeg(nn.Module):
             return [sem_seg_postprocess(p, x.shape[-2:], h, w) for p, x, (h, w) in zip(probs, images, sizes)]
         outputs = []
         for p, x, (h, w) in zip(probs, images, sizes):
-            def post(ids: torch.Tensor) -> torch.Tensor:  # ids: consecutive class ids; called right away
-                return sem_seg_postprocess(p[int(ids[0]):int(ids[-1]) + 1], x.shape[-2:], h, w)
-            per_class = postprocess_bytes_per_class((h, w)) + top_k_bytes_per_class((h, w))
-            chunk = self.budget.items(len(p), per_class, p.device)
+            def post(s: slice) -> torch.Tensor:  # called right away
+                return sem_seg_postprocess(p[s], x.shape[-2:], h, w)
+            chunk = self.budget.items(len(p), postprocess_bytes_per_class((h, w)), p.device)
+            sort_chunk = self.budget.items(len(p), top_k_bytes_per_class((h, w)), p.device)
             ids = torch.arange(len(p), device=p.device)
-            outputs.append(top_k_over_chunks(post, ids, chunk, topk, (h, w)).output())
+            outputs.append(top_k_over_chunks(post, ids, chunk, topk, (h, w), sort_chunk=sort_chunk).output())
         return outputs
 
     def inference_sliding_window(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]],
@@ -329,15 +329,17 @@ class CATSeg(nn.Module):
             unselected = unselected_classes(lg) if self.fused else None
             kept = None if unselected is None else (~unselected).nonzero()[:, 0]
             total = lg.shape[1] if kept is None else len(kept)
-            per_class = sliding_merge_bytes_per_class(len(lg), k, out_res, (h, w))
+            chunk = self.budget.items(total, sliding_merge_bytes_per_class(len(lg), k, out_res, (h, w)), lg.device)
             constant = lg.new_tensor(UNSELECTED_LOGIT).sigmoid().item()
-            if topk is not None:
-                chunk = self.budget.items(total, per_class + top_k_bytes_per_class((h, w)), lg.device)
-                ids = torch.arange(lg.shape[1], device=lg.device) if kept is None else kept
-                skipped = None if unselected is None else unselected.nonzero()[:, 0]
-                outputs.append(top_k_over_chunks(merge, ids, chunk, topk, (h, w), constant, skipped).output())
+            if topk is not None:  # the probabilities path's chunks, as it computes them, into a running top-k
+                every = kept is None or total == lg.shape[1]
+                ids = torch.arange(lg.shape[1], device=lg.device) if every else kept
+                skipped = None if every else unselected.nonzero()[:, 0]
+                sort_chunk = self.budget.items(total, top_k_bytes_per_class((h, w)), lg.device)
+                top = top_k_over_chunks(merge if every else lambda s: merge(kept[s]), ids, chunk, topk, (h, w),
+                                        constant=constant, constant_ids=skipped, sort_chunk=sort_chunk)
+                outputs.append(top.output())
                 continue
-            chunk = self.budget.items(total, per_class, lg.device)
             if kept is None or total == lg.shape[1]:
                 outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
                 continue

@@ -64,20 +64,26 @@ class RunningTopK:
                 "sem_seg_topk_classes": self.classes}
 
 
-def top_k_over_chunks(fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, chunk: int, k: int,
+def top_k_over_chunks(fn: Callable[[slice], torch.Tensor], ids: torch.Tensor, chunk: int, k: int,
                       size: Sequence[int], constant: Optional[float] = None,
-                      constant_ids: Optional[torch.Tensor] = None) -> RunningTopK:
-    """Running top-k of the classes `ids` ((n,) int64 ascending), whose (c, *size) float32 scores
-    fn(ids[s]) gives, over chunks of at most `chunk` classes; plus, with `constant`, the classes
-    `constant_ids` ((m,) ascending, disjoint from `ids`) whose score is `constant` everywhere,
-    never computed.
+                      constant_ids: Optional[torch.Tensor] = None, sort_chunk: Optional[int] = None) -> RunningTopK:
+    """Running top-k of the classes `ids` ((n,) int64 ascending) over chunks of at most `chunk`
+    of them: fn(s) gives the (c, *size) float32 scores of the classes ids[s] (`s` a slice of
+    positions in `ids`), merged into the top-k `sort_chunk` classes at a time (default: `chunk`).
+    With `constant`, the classes `constant_ids` ((m,) ascending, disjoint from `ids`), whose
+    score is `constant` everywhere, are merged without being computed.
 
     Tied constant classes rank by id, so at most the k lowest of `constant_ids` can be in the
-    top k; each is merged as a one-class constant chunk at its own place in the id order (a chunk
-    of `ids` that straddles one is split there).
+    top k; each is merged as a one-class constant chunk at its own place in the id order (the
+    scores of a chunk of `ids` that straddles one are merged in two parts).
+
+    The chunks given to `fn` do not depend on k, `sort_chunk` or the constants: the same as a
+    caller that computes all scores with `chunk` gets (floating-point kernels may round a class
+    differently in chunks of other sizes; this way the top-k is exactly that of those scores).
     """
     top = RunningTopK(k)
     pending: List[int] = [] if constant is None or constant_ids is None else constant_ids[:k].tolist()
+    sort_chunk = sort_chunk or chunk
 
     def merge_constants_below(limit: Optional[int]) -> None:
         while pending and (limit is None or pending[0] < limit):
@@ -85,14 +91,16 @@ def top_k_over_chunks(fn: Callable[[torch.Tensor], torch.Tensor], ids: torch.Ten
                     torch.tensor([pending.pop(0)], device=ids.device))
 
     for s in chunk_slices(len(ids), chunk):
-        part = ids[s]
-        pieces = [part]
+        scores, part = fn(s), ids[s]
+        bounds = [0, len(part)]
         cuts = [c for c in pending if int(part[0]) < c < int(part[-1])]
-        if cuts:  # split the chunk at every pending constant id inside it
-            bounds = torch.searchsorted(part, torch.tensor(cuts, device=part.device)).tolist()
-            pieces = [p for p in torch.tensor_split(part, bounds) if len(p)]
-        for piece in pieces:
-            merge_constants_below(int(piece[0]))
-            top.add(fn(piece), piece)
+        if cuts:  # merge in parts split at every pending constant id inside this chunk
+            bounds[1:1] = torch.searchsorted(part, torch.tensor(cuts, device=part.device)).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            for piece in chunk_slices(hi - lo, sort_chunk):
+                piece = slice(lo + piece.start, lo + piece.stop)
+                merge_constants_below(int(part[piece.start]))
+                top.add(scores[piece], part[piece])
+        del scores
     merge_constants_below(None)
     return top
