@@ -10,9 +10,8 @@ exactly those of a stable descending sort, `probs.sort(0, descending=True, stabl
 
 A class that the model writes as a constant map (a CVPR'24 class no sliding-window view selected,
 see meta_arch.unselected_classes) need not be computed: all such classes tie everywhere, so only
-the lowest of their ids can ever be among the top-k before the others, and `top_k_over_chunks`
-merges that one id as a constant candidate at its place in the id order. With k > 1 the next
-constant classes could also belong in the top k: see `top_k_over_chunks`.
+the k lowest of their ids can be in the top k, and `top_k_over_chunks` merges those as constant
+candidates, each at its place in the id order.
 """
 from typing import Callable, Dict, List, Optional, Sequence
 
