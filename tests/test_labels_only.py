@@ -43,16 +43,16 @@ def assert_exact(out: dict, probs: torch.Tensor, k: int):
 
 
 @contextlib.contextmanager
-def recorded_merges(monkeypatch, sort_chunk=None):
+def recorded_merges(monkeypatch, merge_chunk=None):
     """Yields (post-processed chunk sizes, running top-k merge sizes) of the model's inference;
-    with `sort_chunk`, the running top-k merges that many classes at a time."""
+    with `merge_chunk`, the running top-k merges that many classes at a time."""
     posts, merges = [], []
     post, add, over_chunks = meta_arch.sem_seg_postprocess, RunningTopK.add, meta_arch.top_k_over_chunks
     monkeypatch.setattr(meta_arch, "sem_seg_postprocess", lambda r, *a: posts.append(len(r)) or post(r, *a))
     monkeypatch.setattr(RunningTopK, "add", lambda self, scores, ids: merges.append(len(ids)) or add(self, scores, ids))
-    if sort_chunk:
+    if merge_chunk:
         monkeypatch.setattr(meta_arch, "top_k_over_chunks",
-                            lambda *a, **kw: over_chunks(*a, **{**kw, "sort_chunk": sort_chunk}))
+                            lambda *a, **kw: over_chunks(*a, **{**kw, "merge_chunk": merge_chunk}))
     yield posts, merges
     monkeypatch.undo()
 
@@ -69,8 +69,8 @@ def test_running_top_k_with_ties_and_constant_classes():
         probs[constant] = 0.25  # ties the computed classes' 0.25 too
         kept, skipped = (~constant).nonzero()[:, 0], constant.nonzero()[:, 0]
         for k in (1, 2, 3, 6):
-            chunk, sort_chunk = torch.randint(1, 8, (2,), generator=gen).tolist()
-            top = top_k_over_chunks(lambda s: probs[kept[s]], kept, chunk, k, (5, 7), 0.25, skipped, sort_chunk)
+            chunk, merge_chunk = torch.randint(1, 8, (2,), generator=gen).tolist()
+            top = top_k_over_chunks(lambda s: probs[kept[s]], kept, chunk, k, (5, 7), 0.25, skipped, merge_chunk)
             assert_exact(top.output(), probs, k)
 
 
@@ -89,7 +89,7 @@ def test_labels_equal_argmax_and_topk_of_probs(sliding, monkeypatch):
     inputs = [{"image": image(120, 150)}, {"image": image(70, 90, seed=1), "height": 100, "width": 80}]
     expected = [out["sem_seg"] for out in model(inputs)]
     assert model.output == "probs" and len(expected[0]) == 20
-    with recorded_merges(monkeypatch, sort_chunk=3) as (_, merges):
+    with recorded_merges(monkeypatch, merge_chunk=3) as (_, merges):
         outputs = model(inputs, output="labels")
     if not sliding:
         assert merges == ([3] * 6 + [2]) * 2
@@ -102,8 +102,8 @@ def test_labels_equal_argmax_and_topk_of_probs(sliding, monkeypatch):
 
 def test_memory_budget_sizes_the_chunks(monkeypatch):
     """Sliding window: the merges run over the budget's chunks (CPU_CHUNK_MB 96: 9 of the 20
-    classes, about 10 MB each), the same in both outputs; whole image at 600 x 800: the post-processing
-    in one chunk of 20 (1.9 MB a class) and the running top-k 13 classes at a time (7.7 MB a class)."""
+    classes, about 10 MB each), the same in both outputs; whole image at 1200 x 1600: the
+    post-processing and the running top-k over chunks of 13 classes (7.7 MB a class)."""
     model = make_model().eval()
     model.sliding_window = True
     inputs = [{"image": image(120, 150)}]
@@ -115,11 +115,11 @@ def test_memory_budget_sizes_the_chunks(monkeypatch):
     assert label_posts == posts and sum(merges) == 20 and len(merges) > 1
     assert_exact(out, probs, 2)
     model.sliding_window = False
-    inputs = [{"image": image(120, 150), "height": 600, "width": 800}]
+    inputs = [{"image": image(120, 150), "height": 1200, "width": 1600}]
     probs = model(inputs)[0]["sem_seg"]
     with recorded_merges(monkeypatch) as (posts, merges):
         out = model(inputs, output="labels")[0]
-    assert posts == [20] and merges == [13, 7]
+    assert posts == merges == [13, 7]
     assert_exact(out, probs, 3)
 
 
@@ -139,11 +139,11 @@ def test_cvpr24_unselected_classes(topk, monkeypatch):
     assert any(kept.min() < u < kept.max() for u in skipped.nonzero()[:, 0])  # a constant inside the kept range
     probs = model([{"image": img}])[0]["sem_seg"]
     assert torch.equal(probs[skipped], torch.tensor(UNSELECTED_LOGIT).sigmoid().expand_as(probs[skipped]))
-    for sort_chunk in (1, 4, 30):
-        with recorded_merges(monkeypatch, sort_chunk) as (posts, merges):
+    for merge_chunk in (1, 4, 30):
+        with recorded_merges(monkeypatch, merge_chunk) as (posts, merges):
             out = model([{"image": img}], output="labels", topk=topk)[0]
         assert sum(posts) == len(kept)  # only the selected classes are merged
-        assert sum(merges) == len(kept) + min(topk, int(skipped.sum())) and max(merges) <= sort_chunk
+        assert sum(merges) == len(kept) + min(topk, int(skipped.sum())) and max(merges) <= merge_chunk
         assert_exact(out, probs, topk)
 
 

@@ -118,9 +118,9 @@ def sliding_merge_bytes_per_class(views: int, kernel: int, out_res: Sequence[int
 
 def top_k_bytes_per_class(out_size: Sequence[int]) -> int:
     """One class of a labels-only merge (catseg/modeling/top_classes.py), beside the class's own
-    (height, width) map: the sort's copy of the candidates' scores, its sorted scores and its
-    int64 order."""
-    return FLOAT_BYTES * 4 * out_size[0] * out_size[1]
+    (height, width) map: the merge's copy of the candidates' scores (its other temporaries are
+    k maps, not per class)."""
+    return FLOAT_BYTES * out_size[0] * out_size[1]
 
 
 def postprocess_bytes_per_class(out_size: Sequence[int]) -> int:

@@ -301,9 +301,9 @@ class CATSeg(nn.Module):
             def post(s: slice) -> torch.Tensor:  # called right away
                 return sem_seg_postprocess(p[s], x.shape[-2:], h, w)
             chunk = self.budget.items(len(p), postprocess_bytes_per_class((h, w)), p.device)
-            sort_chunk = self.budget.items(len(p), top_k_bytes_per_class((h, w)), p.device)
+            merge_chunk = self.budget.items(len(p), top_k_bytes_per_class((h, w)), p.device)
             ids = torch.arange(len(p), device=p.device)
-            outputs.append(top_k_over_chunks(post, ids, chunk, topk, (h, w), sort_chunk=sort_chunk).output())
+            outputs.append(top_k_over_chunks(post, ids, chunk, topk, (h, w), merge_chunk=merge_chunk).output())
         return outputs
 
     def inference_sliding_window(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]],
@@ -335,9 +335,9 @@ class CATSeg(nn.Module):
                 every = kept is None or total == lg.shape[1]
                 ids = torch.arange(lg.shape[1], device=lg.device) if every else kept
                 skipped = None if every else unselected.nonzero()[:, 0]
-                sort_chunk = self.budget.items(total, top_k_bytes_per_class((h, w)), lg.device)
+                merge_chunk = self.budget.items(total, top_k_bytes_per_class((h, w)), lg.device)
                 top = top_k_over_chunks(merge if every else lambda s: merge(kept[s]), ids, chunk, topk, (h, w),
-                                        constant=constant, constant_ids=skipped, sort_chunk=sort_chunk)
+                                        constant=constant, constant_ids=skipped, merge_chunk=merge_chunk)
                 outputs.append(top.output())
                 continue
             if kept is None or total == lg.shape[1]:

@@ -2,7 +2,7 @@
 chunk by class chunk, so that the (T, H, W) probabilities are never held whole.
 
 `RunningTopK` keeps, per pixel, the k best (score, class id) pairs seen so far, best first; each
-new chunk of class scores is merged in with one stable sort of (kept k + chunk) candidates. Chunks
+new chunk of class scores is merged in with k passes of argmax over (kept k + chunk) candidates. Chunks
 must come in ascending class-id order (every id of a chunk above every id merged before), so that
 among equal scores the lower class id comes first: the labels are exactly `probs.argmax(0)`
 (torch's first index among ties), the scores exactly `probs.topk(k, dim=0).values` and the ids
@@ -47,14 +47,21 @@ class RunningTopK:
             raise ValueError("class chunks must come in ascending class-id order")
         self.next_id = int(ids[-1]) + 1
         kept = 0 if self.scores is None else len(self.scores)
-        if kept:  # kept first: their ids are all lower, so a stable sort keeps ties in id order
-            scores = torch.cat([self.scores, scores])
-        best, order = scores.sort(dim=0, descending=True, stable=True)
-        order = order[:self.k]
+        # candidates: the kept ones first (their ids are all lower), then the chunk's in id order, so
+        # that argmax's first index among equal scores is the lowest class id
+        candidates = torch.cat([self.scores, scores]) if kept else scores.clone()
+        best, order = [], []
+        for _ in range(min(self.k, len(candidates))):  # k passes of argmax: linear in the chunk size
+            pos = candidates.argmax(dim=0, keepdim=True)
+            order.append(pos)
+            best.append(candidates.gather(0, pos))
+            candidates.scatter_(0, pos, float("-inf"))  # probabilities are >= 0: never chosen again
+        del candidates
+        order = torch.cat(order)
         new = ids[(order - kept).clamp_(min=0)]  # the class id of each chosen candidate of this chunk
         self.classes = new if not kept else torch.where(order < kept, self.classes.gather(
             0, order.clamp(max=kept - 1)), new)
-        self.scores = best[:self.k].clone()
+        self.scores = torch.cat(best)
 
     def output(self) -> Dict[str, torch.Tensor]:
         """{"sem_seg_labels": (H, W) int64, "sem_seg_topk_scores": (k, H, W) float32,
@@ -65,10 +72,10 @@ class RunningTopK:
 
 def top_k_over_chunks(fn: Callable[[slice], torch.Tensor], ids: torch.Tensor, chunk: int, k: int,
                       size: Sequence[int], constant: Optional[float] = None,
-                      constant_ids: Optional[torch.Tensor] = None, sort_chunk: Optional[int] = None) -> RunningTopK:
+                      constant_ids: Optional[torch.Tensor] = None, merge_chunk: Optional[int] = None) -> RunningTopK:
     """Running top-k of the classes `ids` ((n,) int64 ascending) over chunks of at most `chunk`
     of them: fn(s) gives the (c, *size) float32 scores of the classes ids[s] (`s` a slice of
-    positions in `ids`), merged into the top-k `sort_chunk` classes at a time (default: `chunk`).
+    positions in `ids`), merged into the top-k `merge_chunk` classes at a time (default: `chunk`).
     With `constant`, the classes `constant_ids` ((m,) ascending, disjoint from `ids`), whose
     score is `constant` everywhere, are merged without being computed.
 
@@ -76,13 +83,13 @@ def top_k_over_chunks(fn: Callable[[slice], torch.Tensor], ids: torch.Tensor, ch
     top k; each is merged as a one-class constant chunk at its own place in the id order (the
     scores of a chunk of `ids` that straddles one are merged in two parts).
 
-    The chunks given to `fn` do not depend on k, `sort_chunk` or the constants: the same as a
+    The chunks given to `fn` do not depend on k, `merge_chunk` or the constants: the same as a
     caller that computes all scores with `chunk` gets (floating-point kernels may round a class
     differently in chunks of other sizes; this way the top-k is exactly that of those scores).
     """
     top = RunningTopK(k)
     pending: List[int] = [] if constant is None or constant_ids is None else constant_ids[:k].tolist()
-    sort_chunk = sort_chunk or chunk
+    merge_chunk = merge_chunk or chunk
 
     def merge_constants_below(limit: Optional[int]) -> None:
         while pending and (limit is None or pending[0] < limit):
@@ -96,7 +103,7 @@ def top_k_over_chunks(fn: Callable[[slice], torch.Tensor], ids: torch.Tensor, ch
         if cuts:  # merge in parts split at every pending constant id inside this chunk
             bounds[1:1] = torch.searchsorted(part, torch.tensor(cuts, device=part.device)).tolist()
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            for piece in chunk_slices(hi - lo, sort_chunk):
+            for piece in chunk_slices(hi - lo, merge_chunk):
                 piece = slice(lo + piece.start, lo + piece.stop)
                 merge_constants_below(int(part[piece.start]))
                 top.add(scores[piece], part[piece])
