@@ -149,7 +149,8 @@ def run(args) -> int:
     opts = (["MODEL.WEIGHTS", model.weights] if model else []) + (["TEST.BF16", "True"] if args.bf16 else [])
     opts += args.opts
     opts += ["MODEL.SAM.WEIGHTS", args.sam_weights] if args.sam_weights else []
-    predictor = OpenVocabPredictor(config, opts=opts, batch_size=args.batch_size, refine=args.refine or "")
+    predictor = OpenVocabPredictor(config, opts=opts, batch_size=args.batch_size, refine=args.refine or "",
+                                   output="labels")  # the label map only: no (T, H, W) probabilities
     weights = predictor.cfg.MODEL.WEIGHTS
     if (args.config_file or model) and not weights:
         print("WARNING: MODEL.WEIGHTS is empty: the CAT-Seg head has random weights", file=sys.stderr)

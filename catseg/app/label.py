@@ -184,7 +184,8 @@ def label_process(args, cfg, vocabulary: Optional[List[str]]) -> dict:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.num_gpus))
     print(f"rank {rank}/{world_size}: pid {os.getpid()}", file=sys.stderr, flush=True)
     torch.manual_seed(MODEL_SEED)  # weights not in MODEL.WEIGHTS are the same random ones in every process
-    predictor = OpenVocabPredictor(cfg, batch_size=args.batch_size)
+    predictor = OpenVocabPredictor(cfg, batch_size=args.batch_size, output="labels",  # labels and top-k only
+                                   topk=args.top_k if args.save_probs else 1)
     classes = predictor.set_vocabulary(vocabulary if vocabulary is not None else predictor.classes)
     folder = LabelFolder(Path(args.output))
     folder.make_dirs(args.save_probs, args.overlay)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
 import yaml
 from PIL import Image
 
@@ -45,11 +44,11 @@ def label_dtype(num_classes: int):
     return np.uint8 if num_classes <= 255 else np.uint16
 
 
-def top_k_probs(probs: torch.Tensor, k: int, dtype) -> dict:
-    """(T, h, w) probabilities -> {"classes": (k, h, w) ids, best first, "scores": (k, h, w) float16}.
-    A stable sort: among equal scores the lower id comes first, as in the label map's argmax."""
-    scores, ids = probs.sort(dim=0, descending=True, stable=True)
-    scores, ids = scores[:k], ids[:k]
+def top_k_arrays(result, k: int, dtype) -> dict:
+    """A Segmentation's top-k (`Segmentation.top_k`: from its probabilities, or the top-k of a
+    labels-only result) -> {"classes": (k, h, w) ids, best first, "scores": (k, h, w) float16}.
+    Among equal scores the lower id comes first, as in the label map's argmax."""
+    scores, ids = result.top_k(k)
     return {"classes": ids.numpy().astype(dtype), "scores": scores.numpy().astype(np.float16)}
 
 
@@ -81,7 +80,7 @@ class LabelFolder:
         self.link_image(source)
         atomic_write(self.path("labels", stem), lambda f: Image.fromarray(labels.astype(dtype)).save(f, format="PNG"))
         if top_k:
-            arrays = top_k_probs(result.probs, top_k, dtype)
+            arrays = top_k_arrays(result, top_k, dtype)
             atomic_write(self.path("probs", stem), lambda f: np.savez(f, **arrays))
         shares, present = result.pixel_shares(), result.present()
         if overlay:

@@ -7,6 +7,12 @@
     result.probs         # (T, h, w) float32 per-class probabilities (sigmoid scores)
     result.classes       # the class list actually used (normalised, duplicates removed)
 
+    labeller = OpenVocabPredictor("configs/vitl_swinb_384.yaml", weights="model_final.pth", output="labels")
+    result = labeller.predict("photo.jpg", ["cat", "sofa", "floor"])
+    result.probs         # None: only the labels and the top-k were computed (class chunk by class chunk)
+    result.top_scores    # (k, h, w) float32 best k probabilities per pixel, best first (TEST.TOPK, default 3)
+    result.top_classes   # (k, h, w) int64 their class ids; result.labels == result.top_classes[0]
+
 Images: file paths, PIL images or numpy arrays (`format="RGB"` or "BGR"; see catseg.image_io).
 A list of images is run in batches of `batch_size`; each image gets exactly what it gets alone.
 `segment_many(images, num_workers=2)` streams any number of images: DataLoader workers decode
@@ -20,17 +26,26 @@ torch.inference_mode.
 Start-up problems raise catseg.errors.CatsegError subclasses with a one-line message: ConfigError
 (missing config file, unknown key, ...) and WeightsError (missing, corrupt or mismatched weights).
 
+Output: `output="probs"` (the default, cfg.TEST.OUTPUT) keeps every class's probability map;
+`output="labels"` keeps the labels and the top-`topk` (cfg.TEST.TOPK) scores and class ids, which
+the model computes over class chunks without ever holding the (T, h, w) probabilities (the
+command lines use it). Two cases still compute the whole probabilities, then reduce them: SAM
+refinement (and any `refiner`: SAM labels a mask with the class of highest mean probability over
+it, which needs every class) and test-time augmentation (it averages probabilities).
+
 Memory bound: an image whose longer side exceeds cfg.TEST.MAX_INPUT_SIDE (default 1280) is
 first downscaled to it (area resampling; JPEGs decode directly at a reduced scale), so the
 output maps are at most MAX_INPUT_SIDE on their longer side: `probs` takes at most
-T x MAX_INPUT_SIDE^2 x 4 bytes (150 classes at 1280 x 1280: 0.98 GB); the network itself
+T x MAX_INPUT_SIDE^2 x 4 bytes (150 classes at 1280 x 1280: 0.98 GB; with `output="labels"`,
+k x MAX_INPUT_SIDE^2 x 12 bytes plus one class chunk); the network itself
 always sees fixed-size views (CLIP / backbone resolution, or the sliding-window crops of
 TEST.SLIDING_OUT_RES). `image_size` keeps the input's own size. Image files (and PIL images)
 with more than cfg.INPUT.MAX_IMAGE_PIXELS pixels are refused from their header, before decoding.
 """
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +57,7 @@ from ..data.datasets import register_from_config
 from ..errors import ConfigError
 from ..image_io import ImageInput, ImageReadError, load_image
 from ..modeling.build import build_from_checkpoint
+from ..modeling.meta_arch import check_output
 from ..modeling.tta import CATSegWithTTA
 from ..weights.hub import fetch_config_weights
 from .image_stream import BLOCK_BATCHES, ImageStream, in_input_order, segmented
@@ -55,17 +71,36 @@ class Segmentation:
 
     labels: (h, w) int64, index into `classes` of the most probable class per pixel.
     probs: (T, h, w) float32 per-class probabilities (independent sigmoids, as CAT-Seg is
-        trained; they need not sum to 1).
+        trained; they need not sum to 1); None for a labels-only result (`output="labels"`).
     classes: the T class names used.
     image: (h, w, 3) uint8 RGB image the maps align with (downscaled input, if it was large).
     image_size: (H, W) of the input before any downscaling (after EXIF rotation).
+    top_scores: labels-only results: (k, h, w) float32, the k best probabilities per pixel, best
+        first (k = min(TEST.TOPK, T)); top_scores[0] is the probability of CAT-Seg's label. None
+        for a probabilities result (see `top_k`).
+    top_classes: labels-only results: (k, h, w) int64 class ids of `top_scores` (lower id first
+        among equal scores); equal to `labels` in row 0 unless a refiner changed the labels.
     """
 
     labels: torch.Tensor
-    probs: torch.Tensor
+    probs: Optional[torch.Tensor]
     classes: List[str]
     image: np.ndarray = field(repr=False)
     image_size: Tuple[int, int]
+    top_scores: Optional[torch.Tensor] = field(default=None, repr=False)
+    top_classes: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def top_k(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """((k, h, w) float32 scores, (k, h, w) int64 class ids) of the k most probable classes per
+        pixel, best first, lower id first among equal scores; from `probs` or, for a labels-only
+        result, from `top_scores` / `top_classes` (k at most theirs: ValueError otherwise)."""
+        if self.probs is not None:
+            scores, ids = self.probs.sort(dim=0, descending=True, stable=True)
+            return scores[:k], ids[:k]
+        if self.top_scores is None or k > len(self.top_scores) and len(self.top_scores) < len(self.classes):
+            have = 0 if self.top_scores is None else len(self.top_scores)
+            raise ValueError(f"top {k} classes asked of a labels-only result that kept {have} (TEST.TOPK)")
+        return self.top_scores[:k], self.top_classes[:k]
 
     def pixel_shares(self) -> List[float]:
         """Share of pixels labelled with each class, in class order (sums to 1)."""
@@ -90,11 +125,15 @@ class OpenVocabPredictor:
         batch_size: images per network pass.
         max_side: overrides cfg.TEST.MAX_INPUT_SIDE (0: never downscale).
         refine: "sam" for SAM-refined labels (catseg.app.sam_refine; SAM from cfg.MODEL.SAM), "" for none.
-            `predictor.refiner` may also be set to any Segmentation -> Segmentation callable.
+            `predictor.refiner` may also be set to any Segmentation -> Segmentation callable; it
+            gets the whole probabilities whatever `output` says.
+        output: "probs" or "labels" (default cfg.TEST.OUTPUT; see the module docstring).
+        topk: classes per pixel a labels-only result keeps (default cfg.TEST.TOPK).
     """
 
     def __init__(self, config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (),
-                 batch_size: int = 2, max_side: Optional[int] = None, refine: str = ""):
+                 batch_size: int = 2, max_side: Optional[int] = None, refine: str = "",
+                 output: Optional[str] = None, topk: Optional[int] = None):
         self.cfg = load_config(config, opts)
         if weights is not None:
             self.cfg.MODEL.WEIGHTS = weights
@@ -105,6 +144,12 @@ class OpenVocabPredictor:
             resolve_class_lists(self.cfg, train=False, check=False)
         if refine not in ("", "sam"):
             raise ConfigError(f"refine {refine!r}: expected \"sam\" or \"\"")
+        try:
+            self.output = check_output(self.cfg.TEST.OUTPUT if output is None else output,
+                                       self.cfg.TEST.TOPK if topk is None else topk)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.topk = self.cfg.TEST.TOPK if topk is None else topk
         self.refiner: Optional[Callable[[Segmentation], Segmentation]] = \
             SamRefiner.from_config(self.cfg) if refine == "sam" else None
         # with weights: built straight from the checkpoint (no random initialisation, memory-mapped)
@@ -183,12 +228,34 @@ class OpenVocabPredictor:
         """One network pass over prepared images (see `prepare`)."""
         inputs = [{"image": torch.from_numpy(rgb).permute(2, 0, 1).float(), "height": rgb.shape[0],
                    "width": rgb.shape[1]} for rgb, _ in prepared]
-        outputs = self.network(inputs)
+        # a refiner needs the whole probabilities (SAM: every class's mean over a mask)
+        output = "probs" if self.refiner else self.output
+        outputs = self.network(inputs, output=output, topk=self.topk)
         classes = self.classes
-        results = [Segmentation(labels=out["sem_seg"].argmax(0).cpu(), probs=out["sem_seg"].float().cpu(),
-                                classes=classes, image=rgb, image_size=size)
-                   for out, (rgb, size) in zip(outputs, prepared)]
-        return [self.refiner(r) for r in results] if self.refiner else results
+        results = [segmentation(out, classes, rgb, size) for out, (rgb, size) in zip(outputs, prepared)]
+        if self.refiner:
+            results = [self.refiner(r) for r in results]
+            if self.output == "labels":  # then keep what a labels-only result keeps
+                results = [labels_only(r, self.topk) for r in results]
+        return results
+
+
+def segmentation(out: Dict[str, torch.Tensor], classes: List[str], rgb: np.ndarray,
+                 size: Tuple[int, int]) -> Segmentation:
+    """The Segmentation of one model output (CATSeg.forward, "probs" or "labels")."""
+    if "sem_seg" in out:
+        probs = out["sem_seg"]
+        return Segmentation(labels=probs.argmax(0).cpu(), probs=probs.float().cpu(), classes=classes, image=rgb,
+                            image_size=size)
+    return Segmentation(labels=out["sem_seg_labels"].cpu(), probs=None, classes=classes, image=rgb, image_size=size,
+                        top_scores=out["sem_seg_topk_scores"].float().cpu(),
+                        top_classes=out["sem_seg_topk_classes"].cpu())
+
+
+def labels_only(result: Segmentation, k: int) -> Segmentation:
+    """`result` with its probabilities reduced to the top-k (labels unchanged) and dropped."""
+    scores, ids = result.top_k(k)
+    return dataclasses.replace(result, probs=None, top_scores=scores.clone(), top_classes=ids.clone())
 
 
 class _Keyed:

@@ -3,6 +3,9 @@
 Each automatic mask takes the class of highest mean CAT-Seg probability over the mask's pixels;
 masks are painted largest first, so where masks overlap the smaller one's class shows; pixels no
 mask covers keep CAT-Seg's own label (equal areas: the later mask's class shows). The probabilities are not changed.
+This needs every class's whole probability map (a labels-only result's top-k is not enough: a
+mask's best mean need not be any pixel's top-k), so OpenVocabPredictor runs the full-probabilities
+path for a refiner even with `output="labels"`, and reduces the result to the top-k afterwards.
 
 SAM is optional (`pip install .[sam]`, the `segment-anything` package) and its weights are a
 local file or a hub file (MODEL.SAM.WEIGHTS, or `--sam-weights` on the command lines; an `hf://`
@@ -44,6 +47,8 @@ class SamRefiner:
         self.generator = generator
 
     def __call__(self, result):
+        if result.probs is None:
+            raise ValueError("SAM refinement needs the whole probabilities: a labels-only result has none")
         masks = [m["segmentation"] for m in self.generator(result.image)]
         return dataclasses.replace(result, labels=refine_labels(result.probs, result.labels, masks))
 

@@ -80,7 +80,7 @@ def label_video(args, cfg, vocabulary: Optional[List[str]], out: Path) -> int:
     expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
     torch.manual_seed(MODEL_SEED)  # random weights (no MODEL.WEIGHTS) as in catseg-label's image mode
-    predictor = OpenVocabPredictor(cfg, batch_size=args.batch_size)
+    predictor = OpenVocabPredictor(cfg, batch_size=args.batch_size, output="labels", topk=1)  # labels only
     classes = predictor.set_vocabulary(vocabulary if vocabulary is not None else predictor.classes)
     write_json(out / "classes.json", classes)
     colors, dtype = class_colors(len(classes)), label_dtype(len(classes))

@@ -170,8 +170,9 @@ class WebDemo:
         with self.pools_lock:
             if (choice, refine) not in self.pools:
                 config, weights = self.models[choice]
-                self.pools[choice, refine] = PredictorPool(
-                    lambda: OpenVocabPredictor(config, weights=weights or None, opts=self.opts, refine=refine),
+                self.pools[choice, refine] = PredictorPool(  # the page shows labels only: labels-only output
+                    lambda: OpenVocabPredictor(config, weights=weights or None, opts=self.opts, refine=refine,
+                                               output="labels"),
                     self.concurrency)
             return self.pools[choice, refine]
 

@@ -171,6 +171,8 @@ def add_catseg_config(cfg):
     cfg.TEST.SLIDING_OVERLAP = 0.333  # overlap between crops (stride = int(kernel * (1 - overlap)))
     cfg.TEST.SLIDING_OUT_RES = (640, 640)  # image is resized to this before cropping
     cfg.TEST.BF16 = False  # approximate: run inference under bfloat16 autocast
+    cfg.TEST.OUTPUT = "probs"  # "probs" (T, H, W) or "labels" (argmax, top-k by class chunks); evaluation: always probs
+    cfg.TEST.TOPK = 3  # TEST.OUTPUT "labels": classes kept per pixel, best first, with their scores
     cfg.TEST.MAX_INPUT_SIDE = 1280  # OpenVocabPredictor: longer images are first downscaled to this side (0: never)
 
     # ---------------------------------------------------------------- recipes: official keys, backbone init, TTA

@@ -39,6 +39,7 @@ from ..data.datasets import check_dataset_exists, register_from_config
 from ..data.mapper import SemSegDatasetMapper
 from ..errors import CatsegError
 from ..evaluation import build_evaluator
+from ..modeling.meta_arch import full_probabilities
 from ..modeling.tta import CATSegWithTTA
 from ..weights.checkpointer import CATSegCheckpointer
 from ..weights.pretrained import initial_backbone_source, resolve_pretrained
@@ -185,8 +186,10 @@ class CATSegTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """detectron2's test; the evaluators read the (T, H, W) probabilities whatever TEST.OUTPUT says."""
         prepare_datasets(cfg, cfg.DATASETS.TEST)
-        return super().test(cfg, model, evaluators)
+        with full_probabilities(model):
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def test_with_tta(cls, cfg, model):

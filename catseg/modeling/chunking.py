@@ -114,3 +114,15 @@ def sliding_merge_bytes_per_class(views: int, kernel: int, out_res: Sequence[int
     (2 x views x kernel^2), the folded map, the overlap count and the global view at out_res
     (3 x out_res), and the final (height, width) map."""
     return FLOAT_BYTES * (2 * views * kernel * kernel + 3 * out_res[0] * out_res[1] + out_size[0] * out_size[1])
+
+
+def top_k_bytes_per_class(out_size: Sequence[int]) -> int:
+    """One class of a labels-only merge (catseg/modeling/top_classes.py), beside the class's own
+    (height, width) map: the merge's copy of the candidates' scores (its other temporaries are
+    k maps, not per class)."""
+    return FLOAT_BYTES * out_size[0] * out_size[1]
+
+
+def postprocess_bytes_per_class(out_size: Sequence[int]) -> int:
+    """One class of whole-image post-processing: its (height, width) probability map."""
+    return FLOAT_BYTES * out_size[0] * out_size[1]

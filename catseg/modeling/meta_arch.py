@@ -10,8 +10,8 @@ Inference pads and post-processes every image on its own (official parity is def
 image), so a batch gives each image exactly what it gets alone; the network itself still runs
 on the whole batch at once, since every view is resized to fixed CLIP / backbone resolutions.
 """
-from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,22 @@ from torch import nn
 
 from ..padding import pad_to_multiple
 from .aggregator import UNSELECTED_LOGIT
-from .chunking import ChunkBudget, chunk_slices, over_chunks, sliding_merge_bytes_per_class
+from .chunking import (
+    ChunkBudget,
+    chunk_slices,
+    over_chunks,
+    postprocess_bytes_per_class,
+    sliding_merge_bytes_per_class,
+    top_k_bytes_per_class,
+)
 from .clip import default_clip_resolution
 from .clip_encoder import DenseCLIPEncoder
 from .guidance import build_guidance
 from .head import build_clip_encoder
 from .lean_autograd import upsampled_bce, use_lean
+from .top_classes import top_k_over_chunks
+
+OUTPUTS = ("probs", "labels")  # TEST.OUTPUT / CATSeg.output
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -104,6 +114,8 @@ class CATSeg(nn.Module):
         budget: Optional[ChunkBudget] = None,
         bf16: bool = False,
         train_bf16: bool = False,
+        output: str = "probs",
+        topk: int = 3,
     ):
         """`guidance` is a guidance source (see guidance.py). Its modules are registered here under
         their own names, which are the official top-level keys (`backbone.*` before the head, as
@@ -126,6 +138,10 @@ class CATSeg(nn.Module):
         self.budget = budget or ChunkBudget()
         self.bf16 = bf16
         self.train_bf16 = train_bf16
+        # inference output (see `forward`): "probs" (T, H, W) for evaluation, or "labels" (argmax and
+        # top-`topk`, computed over class chunks without the whole probabilities)
+        self.output = check_output(output, topk)
+        self.topk = topk
         # fast paths: the training loss through `upsampled_bce` (plain: `bce_loss`, the same value);
         # the sliding-window merge skips the classes no view selected (plain: merges them all)
         self.fused = True
@@ -164,6 +180,8 @@ class CATSeg(nn.Module):
             "budget": budget,
             "bf16": cfg.TEST.BF16,
             "train_bf16": cfg.SOLVER.AMP.ENABLED,
+            "output": cfg.TEST.OUTPUT,
+            "topk": cfg.TEST.TOPK,
         }
 
     @property
@@ -214,13 +232,21 @@ class CATSeg(nn.Module):
             logits = self.sem_seg_head(features["dense"], guidance)
         return logits.float()
 
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: List[Dict], output: Optional[str] = None, topk: Optional[int] = None):
         """
         Args:
             batched_inputs: detectron2 dicts with "image" (3, H, W) RGB 0-255, optionally "height",
                 "width" (output size) and, in training, "sem_seg" (H, W) labels.
+            output: inference output, "probs" or "labels" (default `self.output`, TEST.OUTPUT).
+            topk: k of the "labels" output (default `self.topk`, TEST.TOPK); at most T is kept.
         Returns:
-            training: {"loss_sem_seg": scalar}; inference: [{"sem_seg": (T, height, width) probabilities}].
+            training: {"loss_sem_seg": scalar};
+            inference, "probs": [{"sem_seg": (T, height, width) probabilities}] (what evaluation reads);
+            inference, "labels": [{"sem_seg_labels": (height, width) int64 = probs.argmax(0),
+                "sem_seg_topk_scores": (k, height, width) float32 = probs.topk(k, dim=0).values,
+                "sem_seg_topk_classes": (k, height, width) int64, their class ids, lower id first
+                among equal scores}], computed over class chunks (catseg/modeling/top_classes.py):
+                the (T, height, width) probabilities are never allocated.
         """
         images = [x["image"].to(self.device).float() for x in batched_inputs]
         if self.training:
@@ -228,12 +254,14 @@ class CATSeg(nn.Module):
         sizes = [(x.get("height", im.shape[-2]), x.get("width", im.shape[-1])) for x, im in zip(batched_inputs, images)]
         with torch.no_grad():  # cached text features must be ordinary tensors, usable in training later
             self.sem_seg_head.predictor.text_features()
+        output = check_output(self.output if output is None else output, self.topk if topk is None else topk)
+        k = None if output == "probs" else (self.topk if topk is None else topk)
         with torch.inference_mode():
             if self.sliding_window:
-                outputs = self.inference_sliding_window(images, sizes)
+                outputs = self.inference_sliding_window(images, sizes, k)
             else:
-                outputs = self.inference_whole_image(images, sizes)
-        return [{"sem_seg": out} for out in outputs]
+                outputs = self.inference_whole_image(images, sizes, k)
+        return [{"sem_seg": out} if k is None else out for out in outputs]
 
     def training_loss(self, images: List[torch.Tensor], labels: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Images are padded to a common size as one ImageList (official); labels with the ignore value."""
@@ -249,12 +277,15 @@ class CATSeg(nn.Module):
         loss = upsampled_bce(logits, targets, ignore) if lean else bce_loss(logits, targets, ignore)
         return {"loss_sem_seg": loss}
 
-    def inference_whole_image(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+    def inference_whole_image(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]],
+                              topk: Optional[int] = None) -> List[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
         """Each image is normalised, padded to its own multiple of SIZE_DIVISIBILITY and resized.
 
         Post-processing crops the logit map to the unpadded image size (in logit pixels that
         crop is a no-op for images over the logit resolution, so the padding border stretches
-        into the output: the official quirk) and resizes to (height, width).
+        into the output: the official quirk) and resizes to (height, width). With `topk`, it runs
+        over class chunks (MEMORY_BUDGET_MB, CPU_CHUNK_MB) into a running top-k: per image the
+        "labels" output dict of `forward` instead of the (T, height, width) probabilities.
         """
         def network_input(normalised: List[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
             return torch.stack([resize(pad_to_multiple(x, self.size_divisibility)[None], size)[0] for x in normalised])
@@ -263,16 +294,29 @@ class CATSeg(nn.Module):
         if self.guidance.needs_image:
             backbone_in = network_input(self.normalize(images, clip=False), self.backbone_resolution)
         probs = self.run_network(clip_in, backbone_in).sigmoid()
-        return [sem_seg_postprocess(p, x.shape[-2:], h, w) for p, x, (h, w) in zip(probs, images, sizes)]
+        if topk is None:
+            return [sem_seg_postprocess(p, x.shape[-2:], h, w) for p, x, (h, w) in zip(probs, images, sizes)]
+        outputs = []
+        for p, x, (h, w) in zip(probs, images, sizes):
+            def post(s: slice) -> torch.Tensor:  # called right away
+                return sem_seg_postprocess(p[s], x.shape[-2:], h, w)
+            chunk = self.budget.items(len(p), postprocess_bytes_per_class((h, w)), p.device)
+            merge_chunk = self.budget.items(len(p), top_k_bytes_per_class((h, w)), p.device)
+            ids = torch.arange(len(p), device=p.device)
+            outputs.append(top_k_over_chunks(post, ids, chunk, topk, (h, w), merge_chunk=merge_chunk).output())
+        return outputs
 
-    def inference_sliding_window(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+    def inference_sliding_window(self, images: List[torch.Tensor], sizes: List[Tuple[int, int]],
+                                 topk: Optional[int] = None) -> List[Union[torch.Tensor, Dict[str, torch.Tensor]]]:
         """Overlapping crops of each image (resized to SLIDING_OUT_RES) plus a global view, all
         images' views in one network pass; see `merge_sliding_window`.
 
         Merging and post-processing are per class, so they run over class chunks sized by
-        MEMORY_BUDGET_MB (and CPU_CHUNK_MB): only the (T, height, width) output is ever whole.
-        Fused (`fused`), a class no view selected (CVPR'24 above CLASS_PAD_LENGTH classes, see
-        `unselected_classes`) is not merged: its output is written as the constant.
+        MEMORY_BUDGET_MB (and CPU_CHUNK_MB): only the (T, height, width) output is ever whole,
+        and with `topk` not even that: the chunks go into a running top-k (per image the "labels"
+        output dict of `forward`). Fused (`fused`), a class no view selected (CVPR'24 above
+        CLASS_PAD_LENGTH classes, see `unselected_classes`) is not merged: its output is written
+        as the constant (with `topk`: the lowest such ids are merged as constant candidates).
         """
         k, stride, out_res = self.sliding_kernel, self.sliding_stride, self.sliding_out_res
         views = [sliding_window_views(x, k, stride, out_res) for x in images]
@@ -282,14 +326,49 @@ class CATSeg(nn.Module):
             def merge(s) -> torch.Tensor:  # s: a slice or index tensor of classes; called right away
                 probs = resize(lg[:, s], (k, k)).sigmoid()
                 return sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
-            kept = (~unselected_classes(lg)).nonzero()[:, 0] if self.fused else None
+            unselected = unselected_classes(lg) if self.fused else None
+            kept = None if unselected is None else (~unselected).nonzero()[:, 0]
             total = lg.shape[1] if kept is None else len(kept)
             chunk = self.budget.items(total, sliding_merge_bytes_per_class(len(lg), k, out_res, (h, w)), lg.device)
+            constant = lg.new_tensor(UNSELECTED_LOGIT).sigmoid().item()
+            if topk is not None:  # the probabilities path's chunks, as it computes them, into a running top-k
+                every = kept is None or total == lg.shape[1]
+                ids = torch.arange(lg.shape[1], device=lg.device) if every else kept
+                skipped = None if every else unselected.nonzero()[:, 0]
+                merge_chunk = self.budget.items(total, top_k_bytes_per_class((h, w)), lg.device)
+                top = top_k_over_chunks(merge if every else lambda s: merge(kept[s]), ids, chunk, topk, (h, w),
+                                        constant=constant, constant_ids=skipped, merge_chunk=merge_chunk)
+                outputs.append(top.output())
+                continue
             if kept is None or total == lg.shape[1]:
                 outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
                 continue
-            out = lg.new_full((lg.shape[1], h, w), lg.new_tensor(UNSELECTED_LOGIT).sigmoid().item())
+            out = lg.new_full((lg.shape[1], h, w), constant)
             for s in chunk_slices(total, chunk):
                 out.index_copy_(0, kept[s], merge(kept[s]))
             outputs.append(out)
         return outputs
+
+
+def check_output(output: str, topk: int) -> str:
+    """`output` if it is one of OUTPUTS and `topk` >= 1, else ValueError."""
+    if output not in OUTPUTS:
+        raise ValueError(f"inference output {output!r} (TEST.OUTPUT): expected one of {', '.join(OUTPUTS)}")
+    if topk < 1:
+        raise ValueError(f"TEST.TOPK {topk}: expected at least 1")
+    return output
+
+
+@contextmanager
+def full_probabilities(model: nn.Module) -> Iterator[None]:
+    """Every CATSeg inside `model` (a DDP or test-time-augmentation wrapper included) outputs the
+    (T, H, W) probabilities meanwhile, whatever TEST.OUTPUT says: evaluation needs them."""
+    nets = [m for m in model.modules() if isinstance(m, CATSeg)]
+    saved = [m.output for m in nets]
+    for m in nets:
+        m.output = "probs"
+    try:
+        yield
+    finally:
+        for m, output in zip(nets, saved):
+            m.output = output
