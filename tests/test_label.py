@@ -67,6 +67,17 @@ def our_processes() -> list:
     return found
 
 
+def describe(pid: int) -> str:
+    """One line about a process: pid, parent, state and command line (for a failure message)."""
+    try:
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} ppid {status.get('PPid')} {status.get('State')}: {cmdline[:200]}"
+
+
 def run(args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=environment(), **kwargs)
 
@@ -131,7 +142,7 @@ def test_two_processes_killed_and_restarted(reference, tmp_path):
     deadline = time.time() + 30
     while our_processes() and time.time() < deadline:  # the other rank and every loader worker end too
         time.sleep(0.2)
-    assert our_processes() == []
+    assert our_processes() == [], [describe(pid) for pid in our_processes()]
     assert "a labelling process stopped" in log.read_text() and "run the same command again" in log.read_text()
     finished = {p.stem for p in (out / "records").iterdir() if p.suffix == ".json"}
     assert 6 <= len(finished) < 40, "the kill came mid-run"

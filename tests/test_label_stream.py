@@ -5,8 +5,10 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -246,3 +248,54 @@ def test_more_than_255_classes_give_uint16_labels(tmp_path):
     assert saved["scores"].dtype == np.float16 and (saved["scores"][0] == 1).all() and (saved["scores"][1] == 0).all()
     config = folder.write_train_config(classes, "own_data.yaml").read_text()
     assert "classes.json:65535" in config  # 255 is a class here: the ignore value moves to 65535
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from torch.utils.data import DataLoader, IterableDataset
+from catseg.app.image_stream import DieWithParent
+
+class Forever(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield 0
+
+class Late:
+    '''The worker's start-up reaches DieWithParent only after its parent is gone.'''
+    def __init__(self):
+        self.start_up = DieWithParent()
+    def __call__(self, worker_id):
+        Path(sys.argv[1]).write_text(str(os.getpid()))
+        time.sleep(1.0)
+        self.start_up(worker_id)
+
+loader = iter(DataLoader(Forever(), batch_size=None, num_workers=1, worker_init_fn=Late()))
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+os._exit(0)  # dies like a killed process: no clean-up of the loader
+"""
+
+
+def test_orphaned_loader_worker_exits(tmp_path):
+    """A labelling process killed while its DataLoader worker starts (before the worker's prctl)
+    must not leave the worker behind: PyTorch's watchdog, started after worker_init_fn, would
+    take the new parent (init) for the loader and the worker would wait forever (a CI failure
+    of test_label's kill test)."""
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, str(pid_file)], timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert parent.returncode == 0
+    worker = int(pid_file.read_text())
+
+    def alive() -> bool:
+        try:
+            return "\tZ" not in Path(f"/proc/{worker}/status").read_text().split("State:")[1].split("\n")[0]
+        except (OSError, IndexError):
+            return False
+    deadline = time.time() + 20
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the orphaned loader worker was still running 20 s after its parent died")

@@ -54,13 +54,15 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp),
            "GRADIO_TEMP_DIR": str(tmp / "gradio")}
     log = tmp / "server.log"
+    # run in tmp: no output/quickstart there, so the page offers "tiny (random weights)" even where
+    # `make demo` has trained the quick-start model into the repository's output/
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py"), "--port", str(port),
                                  "--keep-results", str(KEEP), "--cache-minutes", str(CACHE_S / 60),
                                  "--max-upload-mb", "1", "--queue-size", "16",
                                  "--opts", "INPUT.MAX_IMAGE_PIXELS", str(MAX_PIXELS),
                                  "MODEL.SEM_SEG_HEAD.TEXT_CACHE_DIR", str(tmp / "cache")],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+                                cwd=tmp, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     proc.stdout = open(log)  # for wait_for_port's message
     try:
         wait_for_port(port, proc)

@@ -19,6 +19,7 @@ are the float results: labels are byte-identical whatever the launch. Memory is 
 blocks in flight, never by the number of inputs.
 """
 import ctypes
+import os
 import signal
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -95,15 +96,26 @@ def pass_through(block):
     return block
 
 
-def die_with_parent(_worker_id: int) -> None:
-    """DataLoader worker start-up: the worker is killed when the process that started it dies
-    (Linux prctl PR_SET_PDEATHSIG). Otherwise a labelling process killed by a signal leaves its
-    workers behind, blocked on a full queue."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc: PyTorch's own check of the parent remains
-        return
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+class DieWithParent:
+    """DataLoader worker start-up (`worker_init_fn`): the worker is killed when the process that
+    started it dies (Linux prctl PR_SET_PDEATHSIG). Otherwise a labelling process killed by a
+    signal leaves its workers behind, blocked on a full queue.
+
+    Made in the parent, it remembers the parent's pid: a parent that died between the fork and
+    the prctl sends no signal (and PyTorch's own watchdog, started later in the worker, would
+    take the new parent for the loader), so then the worker exits at once."""
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __call__(self, _worker_id: int) -> None:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:  # not glibc: PyTorch's own check of the parent remains
+            return
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.parent:
+            os._exit(1)
 
 
 def stream_blocks(stream: ImageStream, num_workers: int) -> Iterable[List[Item]]:
@@ -111,7 +123,7 @@ def stream_blocks(stream: ImageStream, num_workers: int) -> Iterable[List[Item]]
     if num_workers <= 0:
         return iter(stream)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=pass_through,
-                      worker_init_fn=die_with_parent)
+                      worker_init_fn=DieWithParent())
 
 
 def size_batches(items: List[Item], batch_size: int) -> List[List[Item]]:
