@@ -60,14 +60,43 @@ def sliding_window_views(image: torch.Tensor, kernel: int, stride: int, out_res:
     return torch.cat([crops, resize(image[None], (kernel, kernel))])
 
 
-def merge_sliding_window(probs: torch.Tensor, kernel: int, stride: int, out_res: Sequence[int]) -> torch.Tensor:
+def crop_corners(kernel: int, stride: int, out_res: Sequence[int]) -> List[Tuple[int, int]]:
+    """(top, left) of the sliding-window crops of an out_res image, in F.unfold's order (row-major)."""
+    rows = range(0, out_res[0] - kernel + 1, stride)
+    cols = range(0, out_res[1] - kernel + 1, stride)
+    return [(y, x) for y in rows for x in cols]
+
+
+def fold_crops(crops: torch.Tensor, kernel: int, stride: int, out_res: Sequence[int]) -> torch.Tensor:
+    """(L, T, k, k) crops in F.unfold's order -> (T, *out_res): each crop added at its place.
+
+    F.fold of the crops, without rearranging them into its (T k k, L) column layout first (a
+    copy of every crop) and without its slow CPU kernel. The crops are added last to first: the
+    order in which F.fold's CPU kernel adds them, so the sums are bit-identical
+    (tests/test_sliding_merge.py)."""
+    corners = crop_corners(kernel, stride, out_res)
+    if len(corners) != len(crops):
+        raise ValueError(f"{len(crops)} crops of {kernel} at stride {stride} do not tile {tuple(out_res)}")
+    out = crops.new_zeros(crops.shape[1], *out_res)
+    for (y, x), crop in reversed(list(zip(corners, crops))):
+        out[:, y:y + kernel, x:x + kernel] += crop
+    return out
+
+
+def merge_sliding_window(probs: torch.Tensor, kernel: int, stride: int, out_res: Sequence[int],
+                         fused: bool = True) -> torch.Tensor:
     """(L + 1, T, k, k) probabilities -> (T, *out_res): crops folded back and averaged where they
-    overlap, then averaged with the upsampled global view."""
+    overlap, then averaged with the upsampled global view. Fused: `fold_crops`, in place;
+    plain: F.fold (the same values, bit for bit)."""
     local, global_view = probs[:-1], probs[-1:]
-    folded = F.fold(rearrange(local, "l t h w -> 1 (t h w) l"), out_res, kernel_size=kernel, stride=stride)
-    ones = torch.ones(1, 1, *out_res, dtype=probs.dtype, device=probs.device)
-    count = F.fold(F.unfold(ones, kernel_size=kernel, stride=stride), out_res, kernel_size=kernel, stride=stride)
-    return ((folded / count + resize(global_view, out_res)) / 2)[0]
+    if not fused:
+        folded = F.fold(rearrange(local, "l t h w -> 1 (t h w) l"), out_res, kernel_size=kernel, stride=stride)
+        ones = torch.ones(1, 1, *out_res, dtype=probs.dtype, device=probs.device)
+        count = F.fold(F.unfold(ones, kernel_size=kernel, stride=stride), out_res, kernel_size=kernel, stride=stride)
+        return ((folded / count + resize(global_view, out_res)) / 2)[0]
+    count = fold_crops(local.new_ones(len(local), 1, kernel, kernel), kernel, stride, out_res)
+    merged = fold_crops(local, kernel, stride, out_res).div_(count)
+    return merged.add_(resize(global_view, out_res)[0]).div_(2)
 
 
 def unselected_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -143,7 +172,8 @@ class CATSeg(nn.Module):
         self.output = check_output(output, topk)
         self.topk = topk
         # fast paths: the training loss through `upsampled_bce` (plain: `bce_loss`, the same value);
-        # the sliding-window merge skips the classes no view selected (plain: merges them all)
+        # the sliding-window merge skips the classes no view selected (plain: merges them all) and
+        # adds the crops in place (plain: F.fold, bit-identical)
         self.fused = True
         for name, value in [("pixel_mean", pixel_mean), ("pixel_std", pixel_std),
                             ("clip_pixel_mean", clip_pixel_mean), ("clip_pixel_std", clip_pixel_std)]:
@@ -324,8 +354,9 @@ class CATSeg(nn.Module):
         outputs = []
         for lg, (h, w) in zip(logits, sizes):
             def merge(s) -> torch.Tensor:  # s: a slice or index tensor of classes; called right away
-                probs = resize(lg[:, s], (k, k)).sigmoid()
-                return sem_seg_postprocess(merge_sliding_window(probs, k, stride, out_res), out_res, h, w)
+                probs = resize(lg[:, s], (k, k)).sigmoid_()
+                merged = merge_sliding_window(probs, k, stride, out_res, fused=self.fused)
+                return sem_seg_postprocess(merged, out_res, h, w)
             unselected = unselected_classes(lg) if self.fused else None
             kept = None if unselected is None else (~unselected).nonzero()[:, 0]
             total = lg.shape[1] if kept is None else len(kept)
@@ -343,7 +374,7 @@ class CATSeg(nn.Module):
             if kept is None or total == lg.shape[1]:
                 outputs.append(over_chunks(merge, lg.shape[1], chunk, dim=0))
                 continue
-            out = lg.new_full((lg.shape[1], h, w), constant)
+            out = lg.new_empty((lg.shape[1], h, w)).index_fill_(0, unselected.nonzero()[:, 0], constant)
             for s in chunk_slices(total, chunk):
                 out.index_copy_(0, kept[s], merge(kept[s]))
             outputs.append(out)
