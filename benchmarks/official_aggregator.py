@@ -25,7 +25,10 @@ Protocol, per model (B, L, CVPR24-B, CVPR24-L: the configs of benchmarks/inferen
 - the parent compares the two (V, T, 4H, 4W) logits (max abs difference) and prints a table.
 
 Seconds: median of `--repeats` timed forwards under `torch.inference_mode()` (one untimed
-warm-up when repeats > 1), `--threads` threads.
+warm-up when repeats > 1), `--threads` threads. With `--rounds N` the two implementations run N
+times each, alternating (official first in odd rounds, ours first in even ones), so that a
+machine whose speed drifts over minutes weighs on both alike; each round gives a speed ratio
+(official seconds / ours), and the summary line reports their median and range.
 """
 import argparse
 import inspect
@@ -155,15 +158,48 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 
 def table(rows) -> str:
-    lines = ["| model | K | implementation | seconds | peak GiB | before forward GiB | max abs diff |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | K | round | implementation | seconds | peak GiB | before forward GiB | max abs diff | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['K']} | {r['impl']} | {r['error']} | | | |")
+            lines.append(f"| {r['model']} | {r['K']} | {r.get('round', 1)} | {r['impl']} | {r['error']} | | | | |")
             continue
         diff = f"{r['diff']:.2e}" if "diff" in r else "-"
-        lines.append(f"| {r['model']} | {r['K']} | {r['impl']} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | "
-                     f"{r['before_gib']:.2f} | {diff} |")
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        lines.append(f"| {r['model']} | {r['K']} | {r.get('round', 1)} | {r['impl']} | {r['seconds']:.2f} | "
+                     f"{r['peak_gib']:.2f} | {r['before_gib']:.2f} | {diff} | {ratio} |")
+    return "\n".join(lines)
+
+
+def compare(args, model: str, k: int, setup_file: str, tmp: Path, round_: int) -> list:
+    """One round: both implementations in their own processes (official first in odd rounds);
+    the max abs difference of their logits and the speed ratio go on the row of the one run last."""
+    outputs = {impl: tmp / f"out-{model}-{k}-{impl}.pt" for impl in IMPLEMENTATIONS}
+    rows = []
+    for impl in (IMPLEMENTATIONS if round_ % 2 else IMPLEMENTATIONS[::-1]):
+        r = {"model": model, "K": k, "impl": impl, "round": round_,
+             **run(args, ["--worker", impl, "--model", model, "--classes", str(k), "--setup", setup_file,
+                          "--output", str(outputs[impl])], args.memory_limit_gib)}
+        if len(rows) == 1 and all(o.is_file() for o in outputs.values()):
+            r["diff"] = max_abs_diff(*outputs.values())
+            if "error" not in rows[0] and "error" not in r:
+                official, ours = (rows[0], r) if impl == "ours" else (r, rows[0])
+                r["ratio"] = official["seconds"] / ours["seconds"]
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    for o in outputs.values():
+        o.unlink(missing_ok=True)
+    return rows
+
+
+def ratios(rows) -> str:
+    """Per (model, K): the median speed ratio of the rounds and its range."""
+    lines = []
+    for key in dict.fromkeys((r["model"], r["K"]) for r in rows):
+        found = [r["ratio"] for r in rows if (r["model"], r["K"]) == key and "ratio" in r]
+        if found:
+            lines.append(f"{key[0]} K = {key[1]}: ours {statistics.median(found):.2f}x faster (median of "
+                         f"{len(found)} rounds; {min(found):.2f}x to {max(found):.2f}x)")
     return "\n".join(lines)
 
 
@@ -176,6 +212,7 @@ def main():
     p.add_argument("--classes", nargs="+", type=int, default=[150])
     p.add_argument("--views", type=int, default=5, help="batch of views (sliding window: 4 crops + 1 global view)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards (median reported; warm-up when > 1)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating runs of both implementations (ratio per round)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-limit-gib", type=float, default=14.0, help="address-space cap per configuration (0: none)")
     p.add_argument("--json", help="also write the raw results here")
@@ -207,18 +244,10 @@ def main():
                 continue
             print(json.dumps({"model": model, **prepared}), flush=True)
             for k in args.classes:
-                outputs = {impl: Path(tmp) / f"out-{model}-{k}-{impl}.pt" for impl in IMPLEMENTATIONS}
-                for impl in IMPLEMENTATIONS:
-                    r = {"model": model, "K": k, "impl": impl,
-                         **run(args, ["--worker", impl, "--model", model, "--classes", str(k), "--setup", setup_file,
-                                      "--output", str(outputs[impl])], args.memory_limit_gib)}
-                    if impl == "ours" and all(o.is_file() for o in outputs.values()):
-                        r["diff"] = max_abs_diff(*outputs.values())
-                    print(json.dumps(r), flush=True)
-                    rows.append(r)
-                for o in outputs.values():
-                    o.unlink(missing_ok=True)
+                for round_ in range(1, args.rounds + 1):
+                    rows += compare(args, model, k, setup_file, Path(tmp), round_)
     print(table(rows))
+    print(ratios(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
