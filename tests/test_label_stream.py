@@ -219,6 +219,16 @@ def test_missing_weights_is_one_line_before_any_process(tmp_path):
     assert "Traceback" not in proc.stderr and "rank 0" not in proc.stderr
 
 
+def test_top_k_below_one_is_one_line_naming_the_flag(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "demo" / "label.py"), "--input", str(tmp_path), "--output",
+                           str(tmp_path / "out"), "--save-probs", "--top-k", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "--top-k" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "rank 0" not in proc.stderr
+
+
 def test_other_vocabulary_in_a_labelled_folder_is_one_line(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "out").mkdir()

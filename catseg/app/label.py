@@ -110,8 +110,9 @@ def start(args) -> int:
         raise ConfigError(str(e)) from None
     config = args.config_file or str(shipped_config(DEFAULT_CONFIG))
     world_size = args.num_gpus * args.num_machines
-    if min(args.num_gpus, args.num_machines, args.batch_size) < 1 or not 0 <= args.machine_rank < args.num_machines:
-        raise ConfigError("--num-gpus, --num-machines and --batch-size must be >= 1, "
+    counts = (args.num_gpus, args.num_machines, args.batch_size, args.top_k)
+    if min(counts) < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise ConfigError("--num-gpus, --num-machines, --batch-size and --top-k must be >= 1, "
                           "and --machine-rank within 0..num-machines-1")
     opts = (["TEST.BF16", "True"] if args.bf16 else []) + args.opts
     cfg = load_config(config, opts)  # config and weights mistakes: one line, before any process starts

@@ -284,8 +284,8 @@ class CATSeg(nn.Module):
         sizes = [(x.get("height", im.shape[-2]), x.get("width", im.shape[-1])) for x, im in zip(batched_inputs, images)]
         with torch.no_grad():  # cached text features must be ordinary tensors, usable in training later
             self.sem_seg_head.predictor.text_features()
-        output = check_output(self.output if output is None else output, self.topk if topk is None else topk)
-        k = None if output == "probs" else (self.topk if topk is None else topk)
+        topk = self.topk if topk is None else topk
+        k = None if check_output(self.output if output is None else output, topk) == "probs" else topk
         with torch.inference_mode():
             if self.sliding_window:
                 outputs = self.inference_sliding_window(images, sizes, k)
