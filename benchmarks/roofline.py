@@ -126,17 +126,33 @@ def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * batch * query_shape[-2] * key_shape[-2] * (query_shape[-1] + value_shape[-1])
 
 
-def flop_formulas() -> dict:
-    """aten operation (packet) -> FLOPs of one call (tensors, out_val=output): FlopCounterMode's
-    `flop_registry`, and `attention_flops` for the CPU fused attention."""
+def linear_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of oneDNN's linear (`mkldnn::_linear_pointwise`, catseg/modeling/epilogue_linear.py):
+    the product only, 2 per multiply-add."""
+    return 2 * math.prod(input_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+def extra_formulas() -> dict:
+    """Shape formulas of the operations FlopCounterMode's `flop_registry` lacks: the CPU fused
+    attention and oneDNN's linear (its `custom_mapping`)."""
     import torch
+
+    extra = {torch.ops.mkldnn._linear_pointwise: linear_flops}
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        extra[cpu_attention] = attention_flops
+    return extra
+
+
+def flop_formulas() -> dict:
+    """operation (packet) -> FLOPs of one call (tensors, out_val=output): FlopCounterMode's
+    `flop_registry` and `extra_formulas`, given the operands' shapes."""
     from torch.utils.flop_counter import flop_registry
 
     formulas = dict(flop_registry)
-    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_attention is not None:
-        formulas[cpu_attention] = lambda q, k, v, *args, out_val=None, **kwargs: attention_flops(q.shape, k.shape,
-                                                                                                v.shape)
+    for op, formula in extra_formulas().items():
+        formulas[op] = lambda *args, out_val=None, formula=formula, **kwargs: formula(
+            *[a.shape if hasattr(a, "shape") else a for a in args])
     return formulas
 
 

@@ -68,8 +68,7 @@ def test_stages_sum_to_the_forward():
     model.sem_seg_head.predictor.set_test_classes(names)
     batch = inference.cached_input(model, names, "cpu")
     model.requires_grad_(False)  # FlopCounterMode's module tracker fails on parameters under inference_mode
-    attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: roofline.attention_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=attention) as whole:  # all decomposed
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=roofline.extra_formulas()) as whole:
         model(batch)
     counts = roofline.count_stages(model, batch, 1e11, 1e10)
     assert set(counts) == set(inference.STAGES)

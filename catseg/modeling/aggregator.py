@@ -48,6 +48,7 @@ from .chunking import (
     over_chunks,
     spatial_bytes_per_class,
 )
+from .epilogue_linear import apply_linear, linear
 from .inplace import mlp, residual
 from .lean_autograd import (
     PreActivation,
@@ -188,7 +189,7 @@ class WindowAttention(nn.Module):
             out = checkpointed(self.attend)(x, context, mask, norm)
         else:
             out = self.attend(x, context, mask, norm)
-        return self.proj(out.transpose(-3, -2).flatten(-2))
+        return apply_linear(self.proj, out.transpose(-3, -2).flatten(-2))
 
     def attend(self, x: torch.Tensor, guidance: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                norm: Optional[nn.LayerNorm]) -> torch.Tensor:
@@ -198,7 +199,7 @@ class WindowAttention(nn.Module):
         if norm is not None and use_lean(x):
             qkv = norm_linear(x, norm, weight, bias, guidance)
         else:
-            qkv = F.linear(x if norm is None else norm(x), weight, bias)
+            qkv = linear(x if norm is None else norm(x), weight, bias)
             if guidance is not None:  # in place: the linear map's backward does not need its output
                 qkv[..., : 2 * c].view(guidance.shape[0], -1, nw, length, 2 * c).add_(guidance.unsqueeze(1))
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2) for t in qkv.split(c, dim=-1))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .epilogue_linear import apply_linear
+
 
 class ExtraTokens(NamedTuple):
     """`count` copies of one token appended to every sequence: its key and value, (C,) each."""
@@ -152,8 +154,8 @@ class AttentionLayer(nn.Module):
         qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]))
         qk = qk.add_(context)  # in place: the linear map's backward does not need its output
         if extra is not None:
-            return linear_attention(qk[..., :c], qk[..., c:], self.v(x), self.nheads, extra=extra)
-        return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], self.v(x), self.nheads)
+            return linear_attention(qk[..., :c], qk[..., c:], apply_linear(self.v, x), self.nheads, extra=extra)
+        return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], apply_linear(self.v, x), self.nheads)
 
     def forward_plain(self, x: torch.Tensor, context: Optional[torch.Tensor],
                       extra: Optional[ExtraTokens] = None) -> torch.Tensor:

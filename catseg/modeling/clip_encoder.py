@@ -26,6 +26,7 @@ from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
 from . import inplace
+from .epilogue_linear import apply_linear, linear
 from .lean_autograd import norm_linear, norm_mlp, use_lean
 
 
@@ -112,10 +113,10 @@ def fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if lean:
         qkv = norm_linear(x, block.ln_1, qkv_weight(attn), attn.in_proj_bias)
     else:
-        qkv = F.linear(block.ln_1(x), qkv_weight(attn), attn.in_proj_bias)
+        qkv = linear(block.ln_1(x), qkv_weight(attn), attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-    x = x + block.ls_1(attn.out_proj(out))
+    x = x + block.ls_1(apply_linear(attn.out_proj, out))
     activation = lean and lean_activation(block.mlp)
     if activation:
         return x + block.ls_2(norm_mlp(x, block.ln_2, block.mlp.c_fc, block.mlp.c_proj, activation=activation))
@@ -126,8 +127,8 @@ def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """out_proj(value projection of ln_1(x)): the dense last block's attention, (B, N, W)."""
     attn = block.attn
     width = x.shape[-1]
-    v = F.linear(block.ln_1(x), value_weight(attn), attn.in_proj_bias[2 * width:])
-    return block.ls_1(attn.out_proj(v))
+    v = linear(block.ln_1(x), value_weight(attn), attn.in_proj_bias[2 * width:])
+    return block.ls_1(apply_linear(attn.out_proj, v))
 
 
 def dense_block_v1(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

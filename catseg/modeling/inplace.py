@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .epilogue_linear import apply_linear
+
 
 def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + y for a residual stream x and a branch output y: written into x when autograd is off
@@ -24,7 +26,7 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
 
 
 def mlp(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, activation: Callable, activation_: Callable) -> torch.Tensor:
-    """fc2(activation(fc1(x))); the activation runs in place (`activation_`) when autograd is off.
-    x: (..., C) -> (..., C_out)."""
-    hidden = fc1(x)
-    return fc2(activation(hidden) if torch.is_grad_enabled() else activation_(hidden))
+    """fc2(activation(fc1(x))); the activation runs in place (`activation_`) when autograd is off,
+    and linear layers add their bias inside the product (`epilogue_linear`). x: (..., C) -> (..., C_out)."""
+    hidden = apply_linear(fc1, x)
+    return apply_linear(fc2, activation(hidden) if torch.is_grad_enabled() else activation_(hidden))
