@@ -19,7 +19,10 @@ from test_web_demo import free_port, wait_for_port
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 120  # bound of every wait on the server
 KEEP = 3  # --keep-results
-CACHE_S = 12  # --cache-minutes, in seconds: longer than any wait in the queue here (uploads go too)
+# --cache-minutes, in seconds: longer than any wait in the queue here, or a waiting request's upload
+# is deleted (12 s was not: in CI, beside the other test worker, the request queued behind two
+# 200-class requests found its upload gone)
+CACHE_S = 45
 MAX_PIXELS = 2_000_000
 
 
