@@ -18,6 +18,7 @@ from detectron2.data.transforms import HFlipTransform
 from detectron2.modeling import DatasetMapperTTA
 from torch import nn
 
+from .chunking import top_k_bytes_per_class
 from .top_classes import top_k_over_chunks
 
 
@@ -46,7 +47,8 @@ class CATSegWithTTA(nn.Module):
             probs = self.average(x)
             if output == "labels":  # the same running top-k, over the averaged probabilities
                 ids = torch.arange(len(probs), device=probs.device)
-                results.append(top_k_over_chunks(lambda s: probs[s], ids, 64, topk, probs.shape[1:]).output())
+                chunk = self.model.budget.items(len(probs), top_k_bytes_per_class(probs.shape[1:]), probs.device)
+                results.append(top_k_over_chunks(lambda s: probs[s], ids, chunk, topk, probs.shape[1:]).output())
             else:
                 results.append({"sem_seg": probs})
         return results
