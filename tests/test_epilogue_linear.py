@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from catseg.modeling.epilogue_linear import apply_linear, epilogue_bias_applies, linear
+from catseg.modeling.epilogue_linear import apply_linear, epilogue_bias_applies, linear, linear_activation
 
 
 def operands(*shape, out=24, seed=0):
@@ -62,3 +62,36 @@ def test_apply_linear_keeps_overridden_forwards():
         torch.testing.assert_close(apply_linear(layer, x), layer(x), rtol=1e-5, atol=1e-5)
         assert torch.equal(apply_linear(scaled, x), scaled(x))
         assert torch.equal(apply_linear(nn.Identity(), x), x)
+
+
+@pytest.mark.parametrize("activation, op", [(F.gelu, "aten::gelu"), (F.relu, "aten::relu")])
+def test_activation_in_the_epilogue_matches_the_plain_layer_and_activation(activation, op):
+    x, w, b = operands(3, 37, 16, out=64)
+    layer = nn.Linear(16, 64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    with torch.inference_mode():
+        out = linear_activation(x, layer, activation)
+        ran = ops_run(lambda: linear_activation(x, layer, activation))
+        expected = activation(F.linear(x, w, b))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert "mkldnn::_linear_pointwise" in ran and op not in ran and "aten::clamp_min" not in ran
+
+
+def test_activation_epilogue_declines_what_it_does_not_compute():
+    """None (the caller runs the plain layer and activation): tanh GELU, other activations,
+    an overridden forward, autograd."""
+    x = torch.randn(4, 8)
+    layer = nn.Linear(8, 3)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with torch.inference_mode():
+        assert linear_activation(x, layer, lambda t: F.gelu(t, approximate="tanh")) is None
+        assert linear_activation(x, layer, torch.sigmoid) is None
+        assert linear_activation(x, Scaled(8, 3), F.relu) is None
+        assert linear_activation(x, layer, F.relu) is not None
+    assert linear_activation(x, layer, F.relu) is None  # autograd on

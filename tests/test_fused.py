@@ -68,6 +68,19 @@ def test_extra_tokens_equal_explicit_padding():
     assert close(fused, plain)
 
 
+def test_linear_attention_in_place_is_the_same_computation():
+    """`inplace` overwrites the caller's q / k / v temporaries (strided views of one q|k tensor,
+    as AttentionLayer passes them) and gives bit for bit the out-of-place result."""
+    qk, v = randn(2, 6, 7, 32, seed=1), randn(2, 6, 7, 16, seed=3)
+    extra = attention.ExtraTokens(5, randn(16, seed=4), randn(16, seed=5))
+    expected = attention.linear_attention(qk[..., :16], qk[..., 16:], v, 4, extra=extra)
+    with torch.inference_mode():
+        q_k, v_in = qk.clone(), v.clone()
+        out = attention.linear_attention(q_k[..., :16], q_k[..., 16:], v_in, 4, extra=extra, inplace=True)
+    assert torch.equal(out, expected)
+    assert not torch.equal(q_k, qk) and not torch.equal(v_in, v)  # the temporaries were reused
+
+
 # ------------------------------------------------------------------ aggregator blocks
 def test_window_attention_matches_plain():
     attn = randomize_(WindowAttention(16, 8, 4))

@@ -29,7 +29,7 @@ class ExtraTokens(NamedTuple):
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float = 1e-6,
-                     extra: Optional[ExtraTokens] = None) -> torch.Tensor:
+                     extra: Optional[ExtraTokens] = None, inplace: bool = False) -> torch.Tensor:
     """Linear attention with the elu(x) + 1 feature map ("Transformers are RNNs"), per head.
 
     Values are divided by the sequence length before the products and multiplied back after
@@ -37,13 +37,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     key-value summaries are the diagonal blocks of one (C, C) product, so every product is a
     plain batched matrix product over the leading dims, without moving the heads. `extra`
     tokens enter the sums and the length as a rank-1 term; only the L real outputs are returned.
+    `inplace` (autograd off, q / k / v temporaries of the caller): the feature maps and the
+    division overwrite q, k and v instead of allocating (the same operations, the same values).
     """
-    q = F.elu(q) + 1
-    k = F.elu(k) + 1
     length, c = v.shape[-2:]
     length += extra.count if extra is not None else 0
+    if inplace:
+        q, k, v = F.elu(q, inplace=True).add_(1), F.elu(k, inplace=True).add_(1), v.div_(length)
+    else:
+        q, k, v = F.elu(q) + 1, F.elu(k) + 1, v / length
     same_head = torch.block_diag(*[q.new_ones(c // heads, c // heads)] * heads)  # (C, C)
-    kv = torch.matmul(k.transpose(-1, -2), v / length)  # (..., C, C)
+    kv = torch.matmul(k.transpose(-1, -2), v)  # (..., C, C)
     k_sum = k.sum(dim=-2, keepdim=True)  # (..., 1, C)
     if extra is not None:
         k_extra = F.elu(extra.k) + 1
@@ -153,9 +157,13 @@ class AttentionLayer(nn.Module):
         c = x.shape[-1]
         qk = F.linear(x, torch.cat([self.q.weight[:, :c], self.k.weight[:, :c]]))
         qk = qk.add_(context)  # in place: the linear map's backward does not need its output
+        v = apply_linear(self.v, x)
+        if self.attention_type == "linear":  # q, k, v are temporaries: feature maps in place without autograd
+            return linear_attention(qk[..., :c], qk[..., c:], v, self.nheads, extra=extra,
+                                    inplace=not torch.is_grad_enabled())
         if extra is not None:
-            return linear_attention(qk[..., :c], qk[..., c:], apply_linear(self.v, x), self.nheads, extra=extra)
-        return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], apply_linear(self.v, x), self.nheads)
+            raise ValueError("extra tokens need linear attention")
+        return ATTENTION_FUNCTIONS[self.attention_type](qk[..., :c], qk[..., c:], v, self.nheads)
 
     def forward_plain(self, x: torch.Tensor, context: Optional[torch.Tensor],
                       extra: Optional[ExtraTokens] = None) -> torch.Tensor:

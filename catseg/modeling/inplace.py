@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .epilogue_linear import apply_linear
+from .epilogue_linear import apply_linear, linear_activation
 
 
 def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,11 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
 
 
 def mlp(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, activation: Callable, activation_: Callable) -> torch.Tensor:
-    """fc2(activation(fc1(x))); the activation runs in place (`activation_`) when autograd is off,
-    and linear layers add their bias inside the product (`epilogue_linear`). x: (..., C) -> (..., C_out)."""
-    hidden = apply_linear(fc1, x)
-    return apply_linear(fc2, activation(hidden) if torch.is_grad_enabled() else activation_(hidden))
+    """fc2(activation(fc1(x))). Linear layers add their bias inside the product, and fc1 applies
+    GELU / ReLU there too, where oneDNN can (`epilogue_linear`); otherwise the activation runs in
+    place (`activation_`) when autograd is off. x: (..., C) -> (..., C_out)."""
+    hidden = linear_activation(x, fc1, activation)
+    if hidden is None:
+        hidden = apply_linear(fc1, x)
+        hidden = activation(hidden) if torch.is_grad_enabled() else activation_(hidden)
+    return apply_linear(fc2, hidden)
