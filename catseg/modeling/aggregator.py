@@ -61,6 +61,7 @@ from .lean_autograd import (
     permute_rows,
     use_lean,
 )
+from .tap_conv import conv_by_taps
 
 
 def set_fused(module: nn.Module, fused: bool) -> None:
@@ -697,6 +698,16 @@ class Aggregator(nn.Module):
                                                                                     self.conv1.out_channels), device)
         return per_class, per_position
 
+    def head_logits(self, y) -> torch.Tensor:
+        """The 3x3 logit head: (N, C, 4H, 4W), or the lean training path's `PreActivation` of it,
+        -> (N, 1, 4H, 4W). Fused without autograd, one product over the channels and nine shifted
+        sums (`conv_by_taps`, 2.4x faster than the direct convolution to one channel)."""
+        if not torch.is_tensor(y):
+            return conv_after(y, self.head.weight, self.head.bias, padding=1)
+        if self.fused and not torch.is_grad_enabled():
+            return conv_by_taps(y, self.head.weight, self.head.bias)
+        return self.head(y)
+
     def embed(self, img_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """Cosine cost volume through conv1, the P templates as channels.
 
@@ -751,8 +762,7 @@ class Aggregator(nn.Module):
         def decode(xs: torch.Tensor) -> torch.Tensor:  # (B, t', H, W, C) -> (B, t', 4H, 4W)
             y = xs.flatten(0, 1).permute(0, 3, 1, 2)
             y = self.decoder2(self.decoder1(y, contexts[0]), contexts[1])
-            logits = self.head(y) if torch.is_tensor(y) else conv_after(y, self.head.weight, self.head.bias, padding=1)
-            return logits.unflatten(0, (b, -1)).squeeze(2)
+            return self.head_logits(y).unflatten(0, (b, -1)).squeeze(2)
         if torch.is_grad_enabled():
             return over_class_chunks(decode, x, per_class, self.checkpoint)
         return over_chunks(lambda s: decode(x[:, s]), t, per_class)
