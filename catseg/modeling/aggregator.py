@@ -45,7 +45,9 @@ from .chunking import (
     ChunkBudget,
     class_attention_bytes_per_position,
     decoder_bytes_per_class,
+    embedding_bytes_per_class,
     over_chunks,
+    selection_bytes_per_class,
     spatial_bytes_per_class,
 )
 from .epilogue_linear import apply_linear, linear
@@ -731,12 +733,13 @@ class Aggregator(nn.Module):
         if not self.pad_length or t <= self.pad_length:
             return self.aggregate(img_feats, text_feats, guidance)
         h, w = img_feats.shape[-2:]
-        per_class = self.chunk_sizes(b, t, h, w, img_feats.device)[0]
-        keep = select_classes(img_feats, text_feats, self.pad_length, per_class)  # (B, pad_length)
+        prompts, channels = text_feats.shape[2:]
+        per_chunk = self.budget.items(t, selection_bytes_per_class(b, prompts, h, w, channels), img_feats.device)
+        keep = select_classes(img_feats, text_feats, self.pad_length, per_chunk)  # (B, pad_length)
         selected = text_feats.gather(1, keep[:, :, None, None].expand(-1, -1, *text_feats.shape[2:]))
         logits = self.aggregate(img_feats, selected, guidance)
         out = logits.new_full((b, t, *logits.shape[2:]), UNSELECTED_LOGIT)
-        return out.scatter(1, keep[:, :, None, None].expand_as(logits), logits)
+        return out.scatter_(1, keep[:, :, None, None].expand_as(logits), logits)
 
     def aggregate(self, img_feats: torch.Tensor, text_feats: torch.Tensor, guidance: Sequence[torch.Tensor]):
         """`forward` for every given class."""
@@ -752,7 +755,9 @@ class Aggregator(nn.Module):
             text_guidance = self.text_guidance_projection(F.normalize(text_feats.mean(dim=-2), dim=-1))
         per_class, per_position = self.chunk_sizes(b, t, h, w, img_feats.device)
 
-        x = over_chunks(lambda s: self.embed(img_feats, text_feats[:, s]), t, per_class)
+        embedding_bytes = b * embedding_bytes_per_class(h, w, self.conv1.in_channels, self.conv1.out_channels)
+        per_embedding = self.budget.items(t, embedding_bytes, img_feats.device)
+        x = over_chunks(lambda s: self.embed(img_feats, text_feats[:, s]), t, per_embedding)
         for layer in self.layers:
             x = layer(x, appearance, text_guidance, per_class, per_position, self.checkpoint)
 

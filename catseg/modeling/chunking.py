@@ -92,6 +92,18 @@ def spatial_bytes_per_class(h: int, w: int, prompt_channels: int, hidden: int) -
     return FLOAT_BYTES * h * w * (prompt_channels + 12 * hidden)
 
 
+def embedding_bytes_per_class(h: int, w: int, prompt_channels: int, hidden: int) -> int:
+    """One class of one view in the cost embedding: its P-channel cost slice and the (h, w, hidden)
+    output of the embedding convolution."""
+    return FLOAT_BYTES * h * w * (prompt_channels + hidden)
+
+
+def selection_bytes_per_class(views: int, prompt_channels: int, h: int, w: int, channels: int) -> int:
+    """One class of the class selection (CLASS_PAD_LENGTH): its normalised text embeddings
+    (views, P, C) and their (views, P, h, w) cosine maps."""
+    return FLOAT_BYTES * views * prompt_channels * (h * w + channels)
+
+
 def decoder_bytes_per_class(h: int, w: int, hidden: int, channels: Sequence[int]) -> int:
     """One class of one view in the decoder: per stage, its input and its four-phase fused
     convolution output (4 x C_out channels), both counted at the stage's output resolution
