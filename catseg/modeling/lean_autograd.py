@@ -260,21 +260,14 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) ->
     return _PermuteRows.apply(x, order, inverse)
 
 
-def _interleave(phases: torch.Tensor, h: int, w: int, term: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _interleave(phases: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(n, h + 1, w + 1, 2, 2, C) phases -> (n, h, 2, w, 2, C): element [i, a, j, b] is phase
-    (a, b) at (i + a, j + b), plus term[image, i, a, j, b] when a (B, h, 2, w, 2, C) term is given
-    (n / B slices per image, image-major; added while copying, no second pass)."""
+    (a, b) at (i + a, j + b)."""
     n, c = phases.shape[0], phases.shape[-1]
     y = phases.new_empty(n, h, 2, w, 2, c)
-    images = 1 if term is None else term.shape[0]
-    by_image = y.view(images, -1, h, 2, w, 2, c)
     for a in range(2):
         for b in range(2):
-            phase = phases[:, a: a + h, b: b + w, a, b]
-            if term is None:
-                y[:, :, a, :, b] = phase
-            else:
-                torch.add(phase.unflatten(0, (images, -1)), term[:, None, :, a, :, b], out=by_image[:, :, :, a, :, b])
+            y[:, :, a, :, b] = phases[:, a: a + h, b: b + w, a, b]
     return y
 
 
@@ -282,10 +275,9 @@ class _InterleavePhases(Function):
     @staticmethod
     def forward(ctx, phases, term):
         n, hp, wp = phases.shape[:3]
-        h, w = hp - 1, wp - 1
-        if term is not None:  # (B, C, 2h, 2w) -> (B, h, 2, w, 2, C)
-            term = term.permute(0, 2, 3, 1).reshape(term.shape[0], h, 2, w, 2, -1)
-        y = _interleave(phases, h, w, term).view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)
+        y = _interleave(phases, hp - 1, wp - 1).view(n, 2 * hp - 2, 2 * wp - 2, -1).permute(0, 3, 1, 2)
+        if term is not None:
+            y.view(term.shape[0], -1, *y.shape[1:]).add_(term.unsqueeze(1))
         ctx.shapes = (phases.shape, None if term is None else term.shape[0])
         return y
 
