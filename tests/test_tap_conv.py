@@ -31,8 +31,9 @@ def test_conv_by_taps_is_the_same_padded_convolution(out_channels, kernel, bias,
 
 
 def test_aggregator_head_uses_taps_only_on_the_fused_inference_path():
-    agg = Aggregator(text_guidance_dim=0, appearance_guidance_dim=0, decoder_guidance_dims=(0, 0), hidden_dim=32,
-                     decoder_dims=(32, 16), feature_resolution=(4, 4), window_size=2, prompt_channel=2, nheads=2)
+    agg = Aggregator(text_guidance_dim=0, appearance_guidance_dim=0, decoder_guidance_dims=(0, 0),
+                     decoder_guidance_proj_dims=(8, 4), hidden_dim=32, decoder_dims=(32, 16), feature_resolution=(4, 4),
+                     window_size=2, prompt_channel=2, nheads=2)
     y = randn(3, 16, 8, 8, seed=4).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         agg.head.bias.fill_(0.5)
