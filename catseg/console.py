@@ -90,6 +90,14 @@ class _CliHandler(logging.StreamHandler):
     """The plain stderr handler of `setup_cli_logging`."""
 
 
+def write_line(text: str) -> None:
+    """`text` and its newline to stderr in one write. Processes that share stderr (the ranks
+    of a launch) then never run their lines together: `print` and `tqdm.write` write the
+    newline separately."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def run_command(func: Callable[[], T], debug: bool = False) -> T:
     """The body of a command line (catseg-demo, catseg-label): console logging, each warning
     printed as one `WARNING: ...` line every time, and a CatsegError as one `error: ...` line

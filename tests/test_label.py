@@ -132,11 +132,13 @@ def test_two_processes_killed_and_restarted(reference, tmp_path):
         pids, deadline = {}, time.time() + 400
         while time.time() < deadline and launcher.poll() is None:
             text = log.read_text()
-            pids = {int(r): int(p) for r, p in re.findall(r"^rank (\d+)/2: pid (\d+)$", text, re.M)}
+            # (no ^: rank 0's progress bar may precede a line without a newline of its own)
+            pids = {int(r): int(p) for r, p in re.findall(r"rank (\d+)/2: pid (\d+)$", text, re.M)}
             # finished records only: the folder also holds atomic_write's temporary files
             if len(pids) == 2 and (out / "records").is_dir() and len(list((out / "records").glob("*.json"))) >= 6:
                 break
             time.sleep(0.02)
+        assert len(pids) == 2 and launcher.poll() is None, log.read_text()[-3000:]
         os.kill(pids[1], signal.SIGKILL)
         assert launcher.wait(timeout=120) == 1
     deadline = time.time() + 30

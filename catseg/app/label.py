@@ -46,7 +46,7 @@ from torch.multiprocessing.spawn import ProcessException
 from tqdm import tqdm
 
 from ..config import load_config, shipped_config
-from ..console import run_command
+from ..console import run_command, write_line
 from ..errors import ConfigError
 from ..weights.pretrained import check_weights_file
 from .cli import DEFAULT_CONFIG, choose_vocabulary
@@ -183,7 +183,7 @@ def label_process(args, cfg, vocabulary: Optional[List[str]]) -> dict:
         cfg.MODEL.DEVICE = f"cuda:{comm.get_local_rank()}"
     else:  # the CPU processes of a machine share its cores
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.num_gpus))
-    print(f"rank {rank}/{world_size}: pid {os.getpid()}", file=sys.stderr, flush=True)
+    write_line(f"rank {rank}/{world_size}: pid {os.getpid()}")
     torch.manual_seed(MODEL_SEED)  # weights not in MODEL.WEIGHTS are the same random ones in every process
     predictor = OpenVocabPredictor(cfg, batch_size=args.batch_size, output="labels",  # labels and top-k only
                                    topk=args.top_k if args.save_probs else 1)
@@ -209,13 +209,13 @@ def label_process(args, cfg, vocabulary: Optional[List[str]]) -> dict:
             elif result is None:
                 counts["failed"] += 1
                 folder.add_failure(item.key, item.error)
-                tqdm.write(f"FAILED {item.error}", file=sys.stderr)
+                tqdm.write(f"FAILED {item.error}\n", file=sys.stderr, end="")  # one write: see write_line
             else:
                 folder.write(item.key, result, args.top_k if args.save_probs else 0, args.overlay)
                 counts["done"] += 1
             bar.update(1)
     counts["seconds"] = time.perf_counter() - start
-    print(summary_line(f"rank {rank}", counts), file=sys.stderr, flush=True)
+    write_line(summary_line(f"rank {rank}", counts))
     everyone = comm.all_gather(counts)
     if rank == 0:
         finish(folder, everyone)
